@@ -1,0 +1,201 @@
+"""The bounded, thread-safe buffer between the callers of track() and the sender.
+
+Producers (any thread) append under a lock; the sender (the event loop thread) pops without
+it, which is safe because ``collections.deque`` appends and pops are atomic. The bound
+covers every event accepted and not yet settled (queued, in flight, or waiting to be
+retried), so memory stays bounded even while the server is down.
+
+Counters are kept so that ``accepted == delivered + failed + pending`` holds at every
+moment: pending is derived, never stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Callable
+
+DROP_QUEUE_FULL = "queue_full"
+DROP_CLOSED = "closed"
+DROP_UNAUTHORIZED = "unauthorized"
+DROP_BROKEN = "broken"
+
+
+class Item:
+    """One accepted event on its way to the server."""
+
+    __slots__ = (
+        "attempts",
+        "body",
+        "client_ip",
+        "epoch",
+        "event_type",
+        "first_attempt",
+        "order_key",
+        "rate_limited",
+        "settled",
+        "user_agent",
+    )
+
+    def __init__(
+        self,
+        body: bytes,
+        event_type: str,
+        order_key: str | None,
+        client_ip: str | None,
+        user_agent: str | None,
+    ) -> None:
+        self.body = body
+        self.event_type = event_type
+        self.order_key = order_key
+        self.client_ip = client_ip
+        self.user_agent = user_agent
+        self.epoch = 0
+        self.attempts = 0  # requests that count against RetryPolicy.max_attempts
+        self.rate_limited = 0  # 429s received; they do not use up attempts
+        self.first_attempt: float | None = None
+        self.settled = False
+
+    def __lt__(self, other: Item) -> bool:
+        # Only reached by the retry heap when two items are due at the same instant.
+        return self.epoch < other.epoch
+
+
+class Accumulator:
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.ready: deque[Item] = deque()
+        self.accepted = 0
+        self.delivered = 0
+        self.failed = 0
+        self.dropped: dict[str, int] = {}
+        self.dropped_total = 0
+        self.failed_by_reason: dict[str, int] = {}
+        # Set by the sender once it runs; called (outside the lock) after each accepted put.
+        self.notify: Callable[[], None] | None = None
+        self._lock = threading.Lock()
+        self._refusing: str | None = None  # drop reason once intake has stopped
+        # flush() bookkeeping: events are stamped with the current epoch; a flush closes
+        # the epoch and waits until no event of it, or of any earlier one, is unsettled.
+        self._epoch = 0
+        self._outstanding: dict[int, int] = {0: 0}
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._room_waiters: deque[asyncio.Future[None]] = deque()
+
+    # --- producers (any thread) ------------------------------------------------------
+
+    def put(self, item: Item, count_drop: bool = True) -> bool:
+        """Queue ``item``; False (and, unless told otherwise, a counted drop) when refused."""
+        with self._lock:
+            reason = self._refusing
+            if reason is None and self.accepted - self.delivered - self.failed >= self.max_size:
+                reason = DROP_QUEUE_FULL
+            if reason is not None:
+                if count_drop:
+                    self.dropped[reason] = self.dropped.get(reason, 0) + 1
+                    self.dropped_total += 1
+                return False
+            self.accepted += 1
+            item.epoch = epoch = self._epoch
+            self._outstanding[epoch] += 1
+            self.ready.append(item)
+        notify = self.notify
+        if notify is not None:
+            notify()
+        return True
+
+    def count_drop(self, reason: str) -> None:
+        with self._lock:
+            self.dropped[reason] = self.dropped.get(reason, 0) + 1
+            self.dropped_total += 1
+
+    @property
+    def pending(self) -> int:
+        return self.accepted - self.delivered - self.failed
+
+    @property
+    def refusing(self) -> str | None:
+        return self._refusing
+
+    def refuse(self, reason: str) -> None:
+        """Stop accepting events; later puts are dropped and counted under ``reason``."""
+        with self._lock:
+            if self._refusing is None:
+                self._refusing = reason
+
+    def snapshot(self) -> tuple[int, int, int, dict[str, int], dict[str, int]]:
+        with self._lock:
+            return (
+                self.accepted,
+                self.delivered,
+                self.failed,
+                dict(self.dropped),
+                dict(self.failed_by_reason),
+            )
+
+    # --- the sender (event loop thread) ------------------------------------------------
+
+    def settle(self, item: Item, delivered: bool, reason: str | None = None) -> None:
+        """Count ``item`` as delivered or finally failed; exactly once per item."""
+        if item.settled:
+            return
+        item.settled = True
+        epoch = item.epoch
+        with self._lock:
+            if delivered:
+                self.delivered += 1
+            else:
+                self.failed += 1
+                if reason is not None:
+                    self.failed_by_reason[reason] = self.failed_by_reason.get(reason, 0) + 1
+            left = self._outstanding[epoch] - 1
+            epoch_done = left == 0 and epoch != self._epoch
+            if epoch_done:
+                del self._outstanding[epoch]
+            else:
+                self._outstanding[epoch] = left
+        if epoch_done and self._flush_waiters:
+            self._wake_flushers()
+        while self._room_waiters:
+            waiter = self._room_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    def flush_waiter(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """A future that completes once every event accepted so far has settled."""
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            target = self._epoch
+            self._epoch += 1
+            self._outstanding[self._epoch] = 0
+            if self._outstanding[target] == 0:
+                del self._outstanding[target]
+        self._flush_waiters.append((target, future))
+        self._wake_flushers()
+        return future
+
+    def _wake_flushers(self) -> None:
+        # Epochs are inserted in increasing order, so the first key is the oldest unsettled.
+        oldest = next(iter(self._outstanding))
+        keep = []
+        for target, future in self._flush_waiters:
+            if target < oldest:
+                if not future.done():
+                    future.set_result(None)
+            elif not future.done():
+                keep.append((target, future))
+        self._flush_waiters = keep
+
+    def room_waiter(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """A future woken when an event settles, i.e. when room may have appeared."""
+        future: asyncio.Future[None] = loop.create_future()
+        self._room_waiters.append(future)
+        return future
+
+    def wake_all_room_waiters(self) -> None:
+        while self._room_waiters:
+            waiter = self._room_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)

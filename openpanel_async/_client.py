@@ -1,0 +1,475 @@
+"""The public client: validates and encodes on the caller's side, delivers in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import re
+from collections.abc import Sequence
+from datetime import datetime
+from types import MappingProxyType, TracebackType
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+from . import _validation
+from ._accumulator import DROP_CLOSED, Accumulator, Item
+from ._events import (
+    UNSET,
+    AssignGroup,
+    Decrement,
+    Event,
+    Group,
+    Identify,
+    Increment,
+    ProfileId,
+    Track,
+    encode_event,
+    format_timestamp,
+    now_timestamp,
+    stamp_track,
+)
+from ._retry import RetryPolicy
+from ._sender import ErrorCallback, Sender
+from ._stats import Stats
+from ._version import __version__
+from .errors import ClientClosedError, ConfigError, InvalidEventError, SendTimeoutError
+
+DEFAULT_API_URL = "https://api.openpanel.dev"
+DEFAULT_MAX_QUEUE_SIZE = 10_000
+DEFAULT_MAX_CONCURRENCY = 64
+DEFAULT_REQUEST_TIMEOUT = 10.0
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+# A worker with nothing to send for this long exits, so the pool shrinks with demand.
+DEFAULT_IDLE_TIMEOUT = 2.0
+SDK_NAME = "openpanel-async"
+
+_UUID_RE = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE | re.ASCII
+)
+_BAD_HEADER_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_EVENT_CLASSES = frozenset({Track, Identify, Increment, Decrement, Group, AssignGroup})
+
+
+class OpenPanel:
+    """An asyncio client for the OpenPanel ingestion API.
+
+    ``track()`` and the other event methods never block, never await and never do I/O:
+    they validate the event, encode it once, and put it on a bounded queue that a pool of
+    background tasks delivers concurrently over one aiohttp session. Use the client as an
+    async context manager (or call :meth:`start` and :meth:`aclose`) so that what is queued
+    is delivered before your program exits.
+
+    Events may be tracked before the client starts, and from any thread; they wait in the
+    queue until the client runs on its event loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        client_id: str,
+        client_secret: str | None = None,
+        api_url: str = DEFAULT_API_URL,
+        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        on_error: ErrorCallback | None = None,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    ) -> None:
+        if not isinstance(client_id, str) or not _UUID_RE.fullmatch(client_id.strip()):
+            raise ConfigError("client_id: must be a UUID such as 'c0ffee00-1234-4321-abcd-...'")
+        self._client_id = client_id.strip().lower()
+        if client_secret is not None and (
+            not isinstance(client_secret, str)
+            or not client_secret
+            or _BAD_HEADER_CHARS.search(client_secret)
+        ):
+            # Never echo the value: it is a secret.
+            raise ConfigError("client_secret: must be a non-empty str without control characters")
+        self._url = _check_api_url(api_url) + "/track"
+        self._api_url = self._url[: -len("/track")]
+        _check_int("max_queue_size", max_queue_size)
+        _check_int("max_concurrency", max_concurrency)
+        _check_int("max_event_bytes", max_event_bytes)
+        _check_seconds("request_timeout", request_timeout, allow_zero=False)
+        _check_seconds("shutdown_timeout", shutdown_timeout, allow_zero=True)
+        _check_seconds("idle_timeout", idle_timeout, allow_zero=False)
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigError("retry: must be a RetryPolicy")
+        if on_error is not None:
+            if not callable(on_error):
+                raise ConfigError("on_error: must be callable")
+            if inspect.iscoroutinefunction(on_error):
+                raise ConfigError(
+                    "on_error: must be a plain function; it runs on the event loop and must "
+                    "not block (schedule async work yourself if you need it)"
+                )
+        self._max_concurrency = max_concurrency
+        self._request_timeout = float(request_timeout)
+        self._shutdown_timeout = float(shutdown_timeout)
+        self._idle_timeout = float(idle_timeout)
+        self._retry = retry if retry is not None else RetryPolicy()
+        self._on_error = on_error
+        self._max_event_bytes = max_event_bytes
+        self._headers: dict[str, str] = {
+            "content-type": "application/json",
+            "openpanel-client-id": self._client_id,
+            "openpanel-sdk-name": SDK_NAME,
+            "openpanel-sdk-version": __version__,
+            "user-agent": f"{SDK_NAME}/{__version__}",
+        }
+        if client_secret is not None:
+            self._headers["openpanel-client-secret"] = client_secret
+        self._acc = Accumulator(max_queue_size)
+        self._sender: Sender | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        # The secret is deliberately left out.
+        return (
+            f"<OpenPanel client_id={self._client_id!r} api_url={self._api_url!r} "
+            f"state={self._state()!r} pending={self._acc.pending}>"
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start background delivery on the running event loop. Idempotent."""
+        self._start_on_running_loop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _start_on_running_loop(self) -> Sender:
+        sender = self._sender
+        if sender is not None:
+            if sender.loop is not asyncio.get_running_loop():
+                raise RuntimeError(
+                    "this OpenPanel client runs on another event loop; create one client "
+                    "per event loop"
+                )
+            return sender
+        if self._closed:
+            raise ClientClosedError("the client is closed")
+        sender = Sender(
+            self._acc,
+            url=self._url,
+            headers=self._headers,
+            max_concurrency=self._max_concurrency,
+            request_timeout=self._request_timeout,
+            retry=self._retry,
+            on_error=self._on_error,
+            idle_timeout=self._idle_timeout,
+        )
+        self._sender = sender
+        return sender
+
+    def _start_if_on_a_loop(self) -> None:
+        """Lazy start: the first event tracked inside a running loop starts the client."""
+        if self._closed:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # a thread without a loop: the event waits for the client to start
+        self._start_on_running_loop()
+
+    async def aclose(self) -> None:
+        """Stop accepting events, deliver what is pending within ``shutdown_timeout``, close.
+
+        Events still pending at the deadline are failed (reported to ``on_error`` with a
+        ShutdownError and counted in ``stats().failed``). Never takes much longer than
+        ``shutdown_timeout``. Idempotent; safe to call from a cancelled task (the
+        cancellation is re-raised once the shutdown has been started).
+        """
+        if self._sender is None:
+            if self._acc.pending and not self._closed:
+                # Events were tracked before the client ever started: deliver them now.
+                self._start_on_running_loop()
+            else:
+                self._closed = True
+                self._acc.refuse(DROP_CLOSED)
+                return
+        self._closed = True
+        assert self._sender is not None
+        await self._sender.close(self._shutdown_timeout)
+
+    # --- sending --------------------------------------------------------------------------
+
+    def send_nowait(
+        self, event: Event, *, client_ip: str | None = None, user_agent: str | None = None
+    ) -> bool:
+        """Queue a validated event. Never blocks.
+
+        Returns False (and counts the event as dropped) when the queue is full or the client
+        is closed. Raises InvalidEventError for an event the server would refuse.
+        """
+        item = self._prepare(event, client_ip, user_agent)
+        if self._sender is None:
+            self._start_if_on_a_loop()
+        return self._acc.put(item)
+
+    async def send(
+        self,
+        event: Event,
+        *,
+        timeout: float | None = None,
+        client_ip: str | None = None,
+        user_agent: str | None = None,
+    ) -> None:
+        """Queue an event, waiting for room in the queue instead of dropping it.
+
+        Raises SendTimeoutError when no room appeared within ``timeout`` seconds, and
+        ClientClosedError when the client is closed (or closes while waiting).
+        """
+        item = self._prepare(event, client_ip, user_agent)
+        sender = self._start_on_running_loop()
+        acc = self._acc
+        loop = sender.loop
+        deadline = None if timeout is None else loop.time() + timeout
+        while not acc.put(item, count_drop=False):
+            if acc.refusing is not None:
+                acc.count_drop(acc.refusing)
+                raise ClientClosedError(f"the client is not accepting events ({acc.refusing})")
+            waiter = acc.room_waiter(loop)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                raise SendTimeoutError(
+                    f"no room in the queue (max_queue_size={acc.max_size}) within {timeout:g}s"
+                ) from None
+
+    def _prepare(self, event: Event, client_ip: str | None, user_agent: str | None) -> Item:
+        event_class = type(event)
+        if event_class is Track:
+            event = stamp_track(event)  # type: ignore[arg-type]
+        elif event_class not in _EVENT_CLASSES:
+            raise InvalidEventError(
+                "event: must be a Track, Identify, Increment, Decrement, Group or AssignGroup, "
+                f"not {event_class.__name__}"
+            )
+        body = encode_event(event)
+        if len(body) > self._max_event_bytes:
+            raise InvalidEventError(
+                f"{event.wire_type}: the encoded event is {len(body)} bytes, more than "
+                f"max_event_bytes={self._max_event_bytes}"
+            )
+        if client_ip is not None:
+            _check_header_value(client_ip, "client_ip")
+        if user_agent is not None:
+            _check_header_value(user_agent, "user_agent")
+        return Item(body, event.wire_type, event.order_key(), client_ip, user_agent)
+
+    def track(
+        self,
+        name: str,
+        properties: dict[str, Any] | None = None,
+        *,
+        profile_id: ProfileId | None = None,
+        groups: Sequence[str] | None = None,
+        timestamp: datetime | None = None,
+        client_ip: str | None = None,
+        user_agent: str | None = None,
+    ) -> bool:
+        """Track a named event. Never blocks; False when the event was dropped.
+
+        ``properties["__timestamp"]`` is set to ``timestamp`` (default: now) unless the
+        properties already carry one and no ``timestamp`` is given.
+        """
+        stamp = now_timestamp() if timestamp is None else format_timestamp(timestamp)
+        if properties is None:
+            props: dict[str, Any] = {"__timestamp": stamp}
+        elif type(properties) is not dict:
+            _validation.check_properties(properties, "track.properties")
+            props = {}  # unreachable: check_properties raised
+        elif timestamp is None and "__timestamp" in properties:
+            props = properties
+        else:
+            props = {**properties, "__timestamp": stamp}
+        event = Track(
+            name=name,
+            properties=props,
+            profile_id=UNSET if profile_id is None else profile_id,
+            groups=UNSET if groups is None else groups,  # type: ignore[arg-type]
+        )
+        return self.send_nowait(event, client_ip=client_ip, user_agent=user_agent)
+
+    def identify(
+        self,
+        profile_id: ProfileId,
+        *,
+        first_name: str | None = None,
+        last_name: str | None = None,
+        email: str | None = None,
+        avatar: str | None = None,
+        properties: dict[str, Any] | None = None,
+        client_ip: str | None = None,
+        user_agent: str | None = None,
+    ) -> bool:
+        """Create or update a profile. Arguments left as None are not sent."""
+        event = Identify(
+            profile_id=profile_id,
+            first_name=UNSET if first_name is None else first_name,
+            last_name=UNSET if last_name is None else last_name,
+            email=UNSET if email is None else email,
+            avatar=UNSET if avatar is None else avatar,
+            properties=UNSET if properties is None else properties,
+        )
+        return self.send_nowait(event, client_ip=client_ip, user_agent=user_agent)
+
+    def increment(
+        self,
+        profile_id: ProfileId,
+        property: str,
+        value: int | float = 1,
+        *,
+        client_ip: str | None = None,
+        user_agent: str | None = None,
+    ) -> bool:
+        """Add ``value`` (> 0) to a numeric property of a profile."""
+        event = Increment(profile_id=profile_id, property=property, value=value)
+        return self.send_nowait(event, client_ip=client_ip, user_agent=user_agent)
+
+    def decrement(
+        self,
+        profile_id: ProfileId,
+        property: str,
+        value: int | float = 1,
+        *,
+        client_ip: str | None = None,
+        user_agent: str | None = None,
+    ) -> bool:
+        """Subtract ``value`` (> 0) from a numeric property of a profile."""
+        event = Decrement(profile_id=profile_id, property=property, value=value)
+        return self.send_nowait(event, client_ip=client_ip, user_agent=user_agent)
+
+    def group(
+        self,
+        id: str,
+        type: str,
+        name: str,
+        properties: dict[str, Any] | None = None,
+        *,
+        client_ip: str | None = None,
+        user_agent: str | None = None,
+    ) -> bool:
+        """Create or update a group (``id``, ``type`` such as "company", display ``name``)."""
+        event = Group(
+            id=id, type=type, name=name, properties=UNSET if properties is None else properties
+        )
+        return self.send_nowait(event, client_ip=client_ip, user_agent=user_agent)
+
+    def assign_group(
+        self,
+        group_ids: Sequence[str],
+        *,
+        profile_id: ProfileId | None = None,
+        client_ip: str | None = None,
+        user_agent: str | None = None,
+    ) -> bool:
+        """Link a profile (without one: the server's device id) to one or more groups."""
+        event = AssignGroup(
+            group_ids=group_ids,  # type: ignore[arg-type]
+            profile_id=UNSET if profile_id is None else profile_id,
+        )
+        return self.send_nowait(event, client_ip=client_ip, user_agent=user_agent)
+
+    # --- waiting and observing ------------------------------------------------------------
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every event accepted before this call is delivered or finally failed.
+
+        Returns False if that did not happen within ``timeout`` seconds.
+        """
+        if self._sender is None and not self._closed:
+            self._start_on_running_loop()
+        sender = self._sender
+        if sender is None:
+            return self._acc.pending == 0
+        loop = asyncio.get_running_loop()
+        if sender.loop is not loop:
+            raise RuntimeError("flush() must be awaited on the client's event loop")
+        done = self._acc.flush_waiter(loop)
+        sender.wake()
+        try:
+            async with asyncio.timeout(timeout):
+                await done
+        except TimeoutError:
+            return False
+        return True
+
+    def stats(self) -> Stats:
+        """A frozen snapshot of the counters; safe to call from any thread."""
+        accepted, delivered, failed, dropped, failed_by_reason = self._acc.snapshot()
+        sender = self._sender
+        return Stats(
+            accepted=accepted,
+            delivered=delivered,
+            failed=failed,
+            dropped=sum(dropped.values()),
+            retries=sender.retries if sender else 0,
+            rate_limited=sender.rate_limited if sender else 0,
+            pending=accepted - delivered - failed,
+            in_flight=sender.in_flight if sender else 0,
+            concurrency=sender.concurrency if sender else 0,
+            paused_for=sender.paused_for if sender else 0.0,
+            state=self._state(),
+            dropped_by_reason=MappingProxyType(dropped),
+            failed_by_reason=MappingProxyType(failed_by_reason),
+        )
+
+    def _state(self) -> str:
+        if self._sender is not None:
+            return self._sender.state
+        return "closed" if self._closed else "new"
+
+
+def _check_api_url(api_url: object) -> str:
+    if not isinstance(api_url, str):
+        raise ConfigError(f"api_url: must be a str, not {type(api_url).__name__}")
+    url = api_url.strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for an invalid port
+    except ValueError:
+        raise ConfigError(f"api_url: {api_url!r} is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"api_url: {api_url!r} must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(
+            "api_url: must not carry a query, a fragment or credentials (only a path prefix)"
+        )
+    return url
+
+
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}: must be an int >= 1, got {value!r}")
+
+
+def _check_seconds(name: str, value: object, *, allow_zero: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{name}: must be a finite number of seconds, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _check_header_value(value: object, field: str) -> None:
+    if not isinstance(value, str):
+        raise InvalidEventError(f"{field}: must be a str, not {type(value).__name__}")
+    if not value or _BAD_HEADER_CHARS.search(value):
+        raise InvalidEventError(f"{field}: must be non-empty and free of control characters")

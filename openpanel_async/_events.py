@@ -1,0 +1,268 @@
+"""The wire schema: one frozen msgspec Struct per event type, validated on construction.
+
+A Struct validates in ``__post_init__``, which msgspec runs both when user code builds an
+event and when JSON is decoded into one, so the client, the local test server and the
+importer all apply exactly the same rules. Field names are snake_case in Python and camelCase
+on the wire; optional fields left UNSET are omitted from the JSON, never sent as null.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any, ClassVar, TypeAlias
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from . import _validation as v
+from .errors import InvalidEventError
+
+__all__ = [
+    "UNSET",
+    "AssignGroup",
+    "Decrement",
+    "Event",
+    "Group",
+    "Identify",
+    "Increment",
+    "Track",
+    "decode_event",
+    "encode_event",
+]
+
+ProfileId: TypeAlias = str | int | float
+
+
+class _Payload(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, rename="camel", eq=True
+):
+    wire_type: ClassVar[str]
+    # Profile operations for one profile must reach the server in call order; the delivery
+    # engine uses this key to serialise them. None: no ordering constraint.
+    ordered: ClassVar[bool] = False
+
+    def order_key(self) -> str | None:
+        return None
+
+
+class Track(_Payload, frozen=True):
+    """A named event. ``properties["__timestamp"]`` is set by the client when missing."""
+
+    wire_type: ClassVar[str] = "track"
+
+    name: str
+    properties: dict[str, Any] | UnsetType = UNSET
+    profile_id: ProfileId | UnsetType = UNSET
+    groups: list[str] | UnsetType = UNSET
+
+    def __post_init__(self) -> None:
+        v.check_event_name(self.name, "track.name")
+        if self.properties is not UNSET:
+            v.check_properties(self.properties, "track.properties")
+            if self.properties:
+                v.check_reserved_properties(self.name, self.properties, "track.properties")
+        if self.profile_id is not UNSET:
+            v.check_profile_id(self.profile_id, "track.profile_id")
+        if self.groups is not UNSET:
+            v.check_string_list(self.groups, "track.groups", allow_empty_list=True)
+
+
+class Identify(_Payload, frozen=True):
+    """Create or update a profile."""
+
+    wire_type: ClassVar[str] = "identify"
+
+    profile_id: ProfileId
+    first_name: str | UnsetType = UNSET
+    last_name: str | UnsetType = UNSET
+    email: str | UnsetType = UNSET
+    avatar: str | UnsetType = UNSET
+    properties: dict[str, Any] | UnsetType = UNSET
+
+    def __post_init__(self) -> None:
+        v.check_profile_id(self.profile_id, "identify.profile_id")
+        if self.first_name is not UNSET:
+            v.check_optional_str(self.first_name, "identify.first_name")
+        if self.last_name is not UNSET:
+            v.check_optional_str(self.last_name, "identify.last_name")
+        if self.email is not UNSET:
+            v.check_email(self.email, "identify.email")
+        if self.avatar is not UNSET:
+            v.check_avatar(self.avatar, "identify.avatar")
+        if self.properties is not UNSET:
+            v.check_properties(self.properties, "identify.properties")
+
+    def order_key(self) -> str | None:
+        return _profile_key(self.profile_id)
+
+
+class Increment(_Payload, frozen=True):
+    """Add ``value`` (> 0) to a numeric profile property; dots in ``property`` mean nesting."""
+
+    wire_type: ClassVar[str] = "increment"
+
+    profile_id: ProfileId
+    property: str
+    value: int | float = 1
+
+    def __post_init__(self) -> None:
+        t = self.wire_type
+        v.check_profile_id(self.profile_id, f"{t}.profile_id")
+        v.check_nonempty_str(self.property, f"{t}.property")
+        v.check_positive_number(self.value, f"{t}.value")
+
+    def order_key(self) -> str | None:
+        return _profile_key(self.profile_id)
+
+
+class Decrement(Increment, frozen=True):
+    """Subtract ``value`` (> 0, sent as is) from a numeric profile property."""
+
+    wire_type: ClassVar[str] = "decrement"
+
+
+class Group(_Payload, frozen=True):
+    """Create or update a group."""
+
+    wire_type: ClassVar[str] = "group"
+
+    id: str
+    type: str
+    name: str
+    properties: dict[str, Any] | UnsetType = UNSET
+
+    def __post_init__(self) -> None:
+        v.check_nonempty_str(self.id, "group.id")
+        v.check_nonempty_str(self.type, "group.type")
+        v.check_nonempty_str(self.name, "group.name")
+        if self.properties is not UNSET:
+            v.check_properties(self.properties, "group.properties")
+
+
+class AssignGroup(_Payload, frozen=True):
+    """Link a profile (or, without one, the server's device id) to one or more groups."""
+
+    wire_type: ClassVar[str] = "assign_group"
+
+    group_ids: list[str]
+    profile_id: ProfileId | UnsetType = UNSET
+
+    def __post_init__(self) -> None:
+        v.check_string_list(self.group_ids, "assign_group.group_ids", allow_empty_list=False)
+        if self.profile_id is not UNSET:
+            v.check_profile_id(self.profile_id, "assign_group.profile_id")
+
+    def order_key(self) -> str | None:
+        if self.profile_id is UNSET:
+            return None
+        return _profile_key(self.profile_id)
+
+
+Event: TypeAlias = Track | Identify | Increment | Decrement | Group | AssignGroup
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.wire_type: cls for cls in (Track, Identify, Increment, Decrement, Group, AssignGroup)
+}
+
+
+def _profile_key(profile_id: ProfileId) -> str:
+    # "1" and 1 are the same profile on the server.
+    return profile_id if type(profile_id) is str else repr(profile_id)
+
+
+_encoder = msgspec.json.Encoder()
+_PREFIXES = {name: b'{"type":"' + name.encode() + b'","payload":' for name in EVENT_TYPES}
+
+
+def encode_event(event: Event) -> bytes:
+    """The exact request body for ``event``; property values msgspec cannot encode are refused."""
+    try:
+        payload = _encoder.encode(event)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidEventError(
+            f"{event.wire_type}.properties: cannot be encoded as JSON: {exc}"
+        ) from None
+    return _PREFIXES[event.wire_type] + payload + b"}"
+
+
+class _Envelope(msgspec.Struct, frozen=True):
+    type: str
+    payload: msgspec.Raw
+    # The server also takes credentials in the body, as an alternative to the headers.
+    clientId: str | UnsetType = UNSET  # wire name
+    clientSecret: str | UnsetType = UNSET  # wire name
+
+
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+_payload_decoders = {name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
+
+
+def decode_envelope(body: bytes | str) -> tuple[Event, str | None, str | None]:
+    """Decode a request body as the server does: (event, body client id, body secret).
+
+    Raises InvalidEventError naming the JSON path and the rule that failed.
+    """
+    try:
+        envelope = _envelope_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise InvalidEventError(f"body: {exc}") from None
+    decoder = _payload_decoders.get(envelope.type)
+    if decoder is None:
+        raise InvalidEventError(
+            f"body/type: must be one of {', '.join(sorted(EVENT_TYPES))}, got {envelope.type!r}"
+        )
+    try:
+        event = decoder.decode(envelope.payload)
+    except msgspec.ValidationError as exc:
+        raise InvalidEventError(f"body/payload: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidEventError(f"body/payload: {exc}") from None
+    client_id = None if envelope.clientId is UNSET else envelope.clientId
+    secret = None if envelope.clientSecret is UNSET else envelope.clientSecret
+    return event, client_id, secret
+
+
+def decode_event(body: bytes | str) -> Event:
+    """The event a request body carries (the inverse of :func:`encode_event`)."""
+    return decode_envelope(body)[0]
+
+
+# --- timestamps -------------------------------------------------------------------------
+
+_second_cache: tuple[int, str] = (-1, "")
+
+
+def now_timestamp() -> str:
+    """The current UTC time as the server wants it: ``2026-11-26T08:00:00.000Z``.
+
+    strftime costs about a microsecond; the formatted second is cached so the hot path only
+    formats the milliseconds.
+    """
+    global _second_cache
+    now = time.time()
+    second = int(now)
+    cached_second, prefix = _second_cache
+    if second != cached_second:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second_cache = (second, prefix)
+    return f"{prefix}.{int((now - second) * 1000):03d}Z"
+
+
+def format_timestamp(moment: datetime, field: str = "timestamp") -> str:
+    if not isinstance(moment, datetime):
+        v.fail(field, f"must be a datetime, not {type(moment).__name__}")
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        v.fail(field, "must be timezone-aware (a naive datetime's zone is ambiguous)")
+    utc = moment.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def stamp_track(event: Track) -> Track:
+    """``event`` with ``properties.__timestamp`` set to now, unless it carries one already."""
+    properties = event.properties
+    if properties is not UNSET and "__timestamp" in properties:
+        return event
+    stamped = {} if properties is UNSET else dict(properties)
+    stamped["__timestamp"] = now_timestamp()
+    return msgspec.structs.replace(event, properties=stamped)

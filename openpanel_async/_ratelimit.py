@@ -1,0 +1,72 @@
+"""Reading the server's rate-limit headers: pure functions, the clock passed in."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+
+# An x-ratelimit-reset this large cannot be seconds to wait: it is an epoch timestamp.
+_EPOCH_THRESHOLD = 1_000_000_000.0
+# Very old versions of the server's rate-limit plugin sent milliseconds. No server asks a
+# client to pause for more than a day, so a larger number of "seconds" is milliseconds.
+_MILLISECONDS_THRESHOLD = 86_400.0
+
+
+def _number(value: str) -> float | None:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def parse_retry_after(value: str, now_wall: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value: delta-seconds or an HTTP date."""
+    number = _number(value)
+    if number is not None:
+        return max(0.0, number)
+    try:
+        moment = parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:  # HTTP dates are GMT by definition
+        return None
+    return max(0.0, moment.timestamp() - now_wall)
+
+
+def parse_reset(value: str, now_wall: float) -> float | None:
+    """Seconds to wait from an ``x-ratelimit-reset`` value (seconds; tolerant of old forms)."""
+    number = _number(value)
+    if number is None:
+        return None
+    if number >= _EPOCH_THRESHOLD:
+        return max(0.0, number - now_wall)
+    if number > _MILLISECONDS_THRESHOLD:
+        return number / 1000.0
+    return max(0.0, number)
+
+
+def requested_wait(headers: Mapping[str, str], now_wall: float) -> float | None:
+    """The pause a response asks for: ``Retry-After`` first, then ``x-ratelimit-reset``.
+
+    ``headers`` must look keys up without case (aiohttp's CIMultiDictProxy does).
+    """
+    retry_after = headers.get("retry-after")
+    if retry_after is not None:
+        wait = parse_retry_after(retry_after, now_wall)
+        if wait is not None:
+            return wait
+    reset = headers.get("x-ratelimit-reset")
+    if reset is not None:
+        return parse_reset(reset, now_wall)
+    return None
+
+
+def window_exhausted(headers: Mapping[str, str]) -> bool:
+    """True when a response says no request is left in the current window."""
+    remaining = headers.get("x-ratelimit-remaining")
+    if remaining is None:
+        return False
+    number = _number(remaining)
+    return number is not None and number <= 0

@@ -1,0 +1,610 @@
+"""The background delivery engine: a pool of worker tasks over one aiohttp session.
+
+Each worker takes one event at a time and POSTs it, so the number of live workers is the
+number of requests in flight. Workers are started when events wait and none is idle (up to
+the concurrency limit) and exit after sitting idle for a while, so the pool follows demand
+instead of holding idle connections. There is no per-event task.
+
+Where an event can come from, in the order workers take them:
+1. ``_owned``: events that may go now and already hold their profile's ordering slot (due
+   retries, and the next event of a profile whose previous one just settled);
+2. the accumulator's ``ready`` deque (new events);
+3. the retry heap, once an event's backoff is over (moved to ``_owned`` by ``_kick``).
+Profile operations whose profile already has one event in progress are parked in ``_busy``
+until it settles, so they reach the server in call order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+
+from . import _ratelimit
+from ._accumulator import DROP_BROKEN, DROP_CLOSED, DROP_UNAUTHORIZED, Accumulator, Item
+from ._log import Throttle, logger
+from ._outcome import Verdict, classify, server_message
+from ._retry import RetryPolicy
+from .errors import (
+    AuthenticationError,
+    DeliveryError,
+    DroppedByServerError,
+    RejectedError,
+    RetriesExhaustedError,
+    ShutdownError,
+)
+
+# Enough for any message the server sends; a larger body is cut, never buffered whole.
+_MAX_RESPONSE_BYTES = 64 * 1024
+# A 404 "Profile not found" on increment/decrement: the profile may still be in flight on
+# the server, so a few spaced attempts are worth it, but not the whole retry budget.
+_PROFILE_PENDING_ATTEMPTS = 4
+_DROP_REPORT_INTERVAL = 10.0
+
+ErrorCallback = Callable[[DeliveryError], Any]
+
+
+class Sender:
+    def __init__(
+        self,
+        accumulator: Accumulator,
+        *,
+        url: str,
+        headers: Mapping[str, str],
+        max_concurrency: int,
+        request_timeout: float,
+        retry: RetryPolicy,
+        on_error: ErrorCallback | None,
+        idle_timeout: float,
+    ) -> None:
+        self._acc = accumulator
+        self._url = url
+        self._headers = dict(headers)
+        self._max_concurrency = max_concurrency
+        self._limit = max_concurrency
+        self._request_timeout = request_timeout
+        self._retry = retry
+        self._on_error = on_error
+        self._idle_timeout = idle_timeout
+
+        self.state = "running"
+        self.retries = 0
+        self.rate_limited = 0
+        self.in_flight = 0
+        self._paused_until = 0.0  # loop.time(); nothing is sent before it
+
+        self._loop = asyncio.get_running_loop()
+        self._thread_id = threading.get_ident()
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max_concurrency, limit_per_host=0),
+            timeout=aiohttp.ClientTimeout(total=request_timeout),
+        )
+        self._workers: set[asyncio.Task[None]] = set()
+        self._current: dict[asyncio.Task[None], Item] = {}
+        self._idle: list[asyncio.Future[None]] = []
+        self._owned: deque[Item] = deque()
+        self._busy: dict[str, deque[Item]] = {}
+        self._retries: list[tuple[float, int, Item]] = []
+        self._retry_seq = itertools.count()
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._kick_scheduled = False
+        self._stopping = False
+        self._log_throttle = Throttle()
+        self._drops_reported = 0
+        self._last_drop_report = -_DROP_REPORT_INTERVAL
+        self._close_task: asyncio.Task[None] | None = None
+
+        accumulator.notify = self.notify
+        if accumulator.ready:
+            self.notify()
+
+    # --- waking workers ---------------------------------------------------------------
+
+    def notify(self) -> None:
+        """Called after each accepted event, from any thread: schedule one ``_kick``.
+
+        The flag coalesces a burst of events into one wake-up per loop iteration, so the
+        hot path pays for ``call_soon`` once per burst rather than once per event.
+        """
+        if self._kick_scheduled:
+            return
+        self._kick_scheduled = True
+        if threading.get_ident() == self._thread_id:
+            self._loop.call_soon(self._kick)
+        else:
+            try:
+                self._loop.call_soon_threadsafe(self._kick)
+            except RuntimeError:
+                # The loop is closed: the event stays queued and counted as pending.
+                self._kick_scheduled = False
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        if self._stopping:
+            return
+        now = self._loop.time()
+        self._promote_due_retries(now)
+        backlog = len(self._owned) + len(self._acc.ready)
+        while backlog > 0 and self._idle:
+            waiter = self._idle.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                backlog -= 1
+        for _ in range(min(backlog, self._limit - len(self._workers))):
+            task = self._loop.create_task(self._worker())
+            self._workers.add(task)
+
+    def _promote_due_retries(self, now: float) -> None:
+        heap = self._retries
+        while heap and heap[0][0] <= now:
+            self._owned.append(heapq.heappop(heap)[2])
+        timer = self._retry_timer
+        if timer is not None and (timer.when() <= now or not heap or timer.when() > heap[0][0]):
+            timer.cancel()
+            timer = self._retry_timer = None
+        if heap and timer is None:
+            self._retry_timer = self._loop.call_at(heap[0][0], self._kick)
+
+    # --- workers ------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            while not self._stopping and len(self._workers) <= self._limit:
+                pause = self._paused_until - self._loop.time()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                    continue
+                item = self._take()
+                if item is None:
+                    if await self._wait_for_work():
+                        continue
+                    return
+                self._current[task] = item
+                await self._attempt(item)
+                # Not in a finally: after a cancellation close() needs to find the item.
+                del self._current[task]
+                if self._acc.dropped_total != self._drops_reported:
+                    self._report_drops()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._break(exc)
+        finally:
+            self._workers.discard(task)
+
+    async def _wait_for_work(self) -> bool:
+        """Sleep until woken (True) or idle for too long (False: the worker should exit)."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._idle.append(waiter)
+        try:
+            async with asyncio.timeout(self._idle_timeout):
+                await waiter
+        except TimeoutError:
+            if waiter in self._idle:
+                self._idle.remove(waiter)
+            # A wake-up may have raced the timeout; never leave work behind.
+            return bool(self._owned or self._acc.ready)
+        return True
+
+    def _take(self) -> Item | None:
+        if self._owned:
+            return self._owned.popleft()
+        if self._retries and self._retries[0][0] <= self._loop.time():
+            return heapq.heappop(self._retries)[2]
+        ready = self._acc.ready
+        while ready:
+            item = ready.popleft()
+            key = item.order_key
+            if key is None:
+                return item
+            parked = self._busy.get(key)
+            if parked is None:
+                self._busy[key] = deque()
+                return item
+            parked.append(item)
+        return None
+
+    async def _attempt(self, item: Item) -> None:
+        loop = self._loop
+        if item.first_attempt is None:
+            item.first_attempt = loop.time()
+        item.attempts += 1
+        if item.client_ip is None and item.user_agent is None:
+            headers = self._headers
+        else:
+            headers = dict(self._headers)
+            if item.user_agent is not None:
+                headers["user-agent"] = item.user_agent
+            if item.client_ip is not None:
+                headers["x-client-ip"] = item.client_ip
+        self.in_flight += 1
+        try:
+            async with self._session.post(
+                self._url, data=item.body, headers=headers, allow_redirects=False
+            ) as response:
+                body = await response.content.read(_MAX_RESPONSE_BYTES)
+                status = response.status
+                response_headers = response.headers
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Timeouts, resets, refused connections, and anything else a misbehaving server
+            # can provoke inside aiohttp: all retryable, none may kill the worker.
+            self._retry_later(item, None, None, exc, 0)
+            return
+        finally:
+            self.in_flight -= 1
+
+        if 200 <= status < 300 and status != 202:
+            self._settle(item, delivered=True)
+            if _ratelimit.window_exhausted(response_headers):
+                wait = _ratelimit.requested_wait(response_headers, time.time())
+                if wait is not None:
+                    self._pause(self._retry.server_wait(wait))
+            return
+        message = server_message(body)
+        verdict = classify(status, message, item.event_type)
+        if verdict is Verdict.RATE_LIMITED:
+            self._rate_limited(item, response_headers, message)
+        elif verdict is Verdict.RETRY:
+            self._retry_later(item, status, message, None, 0)
+        elif verdict is Verdict.PROFILE_PENDING:
+            self._retry_later(item, status, message, None, _PROFILE_PENDING_ATTEMPTS)
+        elif verdict is Verdict.UNAUTHORIZED:
+            self._unauthorized(item, status, message)
+        elif verdict is Verdict.BOT:
+            self._fail(
+                item,
+                DroppedByServerError,
+                "bot",
+                f"the server dropped the {item.event_type} event as sent by a bot (202)",
+                status=status,
+                message=message,
+            )
+        else:
+            self._fail(
+                item,
+                RejectedError,
+                "rejected",
+                f"the server rejected the {item.event_type} event ({status}): {message}",
+                status=status,
+                message=message,
+            )
+            held = self._log_throttle.allow(f"rejected-{status}")
+            if held is not None:
+                logger.warning(
+                    "openpanel_async: the server rejected an event (%d): %s%s",
+                    status,
+                    message,
+                    f" ({held} more rejections since the last report)" if held else "",
+                )
+
+    # --- outcomes -----------------------------------------------------------------------
+
+    def _pause(self, seconds: float) -> None:
+        until = self._loop.time() + seconds
+        if until > self._paused_until:
+            self._paused_until = until
+
+    def _schedule_retry(self, item: Item, due: float) -> None:
+        self.retries += 1
+        heapq.heappush(self._retries, (due, next(self._retry_seq), item))
+        self._promote_due_retries(self._loop.time())
+
+    def _rate_limited(self, item: Item, headers: Mapping[str, str], message: str | None) -> None:
+        self.rate_limited += 1
+        item.attempts -= 1  # waiting out a rate limit does not use up an attempt
+        item.rate_limited += 1
+        requested = _ratelimit.requested_wait(headers, time.time())
+        if requested is None:
+            wait = self._retry.backoff(item.rate_limited)
+        else:
+            wait = self._retry.server_wait(requested)
+        self._pause(wait)
+        now = self._loop.time()
+        due = max(self._paused_until, now + wait)
+        assert item.first_attempt is not None
+        if due - item.first_attempt > self._retry.max_elapsed:
+            self._fail(
+                item,
+                RetriesExhaustedError,
+                "retries_exhausted",
+                f"the {item.event_type} event was still rate limited (429) after "
+                f"{self._retry.max_elapsed:g}s",
+                status=429,
+                message=message,
+            )
+            return
+        self._schedule_retry(item, due)
+
+    def _retry_later(
+        self,
+        item: Item,
+        status: int | None,
+        message: str | None,
+        cause: BaseException | None,
+        attempt_cap: int,
+    ) -> None:
+        retry = self._retry
+        max_attempts = min(retry.max_attempts, attempt_cap) if attempt_cap else retry.max_attempts
+        now = self._loop.time()
+        if attempt_cap:
+            # Spaced, not random: give the server time to store the profile.
+            wait = min(retry.wait_max, retry.wait_initial * item.attempts)
+        else:
+            wait = retry.backoff(item.attempts)
+        assert item.first_attempt is not None
+        if item.attempts >= max_attempts or now + wait - item.first_attempt > retry.max_elapsed:
+            what = f"{status} {message}" if status is not None else _describe_exception(cause)
+            self._fail(
+                item,
+                RetriesExhaustedError,
+                "retries_exhausted",
+                f"the {item.event_type} event failed after {item.attempts + item.rate_limited} "
+                f"attempts; last: {what}",
+                status=status,
+                message=message,
+                cause=cause,
+            )
+            return
+        self._schedule_retry(item, now + wait)
+
+    def _unauthorized(self, item: Item, status: int, message: str | None) -> None:
+        self._fail(
+            item,
+            AuthenticationError,
+            "unauthorized",
+            f"the server refused the credentials ({status}): {message}",
+            status=status,
+            message=message,
+        )
+        if self.state != "running":
+            return
+        # Every further request would be refused too: stop, and say so once.
+        self.state = "unauthorized"
+        self._acc.refuse(DROP_UNAUTHORIZED)
+        failed = self._fail_waiting(
+            AuthenticationError,
+            "unauthorized",
+            f"not sent: the server refused the credentials ({status}): {message}",
+            status=status,
+            message=message,
+        )
+        logger.error(
+            "openpanel_async: the server refused the credentials (%d): %s. Sending stopped; "
+            "%d pending events failed and new events are dropped.",
+            status,
+            message,
+            failed + 1,
+        )
+
+    def _settle(self, item: Item, *, delivered: bool, reason: str | None = None) -> None:
+        self._acc.settle(item, delivered, reason)
+        key = item.order_key
+        if key is None:
+            return
+        parked = self._busy.get(key)
+        if parked is None:
+            return
+        if parked:
+            self._owned.append(parked.popleft())
+            self.notify()
+        else:
+            del self._busy[key]
+
+    def _fail(
+        self,
+        item: Item,
+        error_class: type[DeliveryError],
+        reason: str,
+        text: str,
+        *,
+        status: int | None = None,
+        message: str | None = None,
+        cause: BaseException | None = None,
+        release_order: bool = True,
+    ) -> None:
+        if item.settled:
+            return
+        if release_order:
+            self._settle(item, delivered=False, reason=reason)
+        else:
+            self._acc.settle(item, False, reason)
+        if self._on_error is None:
+            return
+        error = error_class(
+            text,
+            event_type=item.event_type,
+            body=item.body,
+            reason=reason,
+            attempts=item.attempts + item.rate_limited,
+            status=status,
+            server_message=message,
+            cause=cause,
+        )
+        try:
+            self._on_error(error)
+        except Exception:
+            held = self._log_throttle.allow("on_error")
+            if held is not None:
+                logger.exception("openpanel_async: the on_error callback raised")
+
+    def _fail_waiting(
+        self,
+        error_class: type[DeliveryError],
+        reason: str,
+        text: str,
+        *,
+        status: int | None = None,
+        message: str | None = None,
+        include_in_flight: bool = False,
+    ) -> int:
+        """Fail every event not yet on the wire (and, if asked, those on it); return the count."""
+        items: list[Item] = list(self._owned)
+        self._owned.clear()
+        items.extend(entry[2] for entry in self._retries)
+        self._retries.clear()
+        for parked in self._busy.values():
+            items.extend(parked)
+        self._busy.clear()
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        ready = self._acc.ready
+        while ready:
+            items.append(ready.popleft())
+        if include_in_flight:
+            items.extend(self._current.values())
+        count = 0
+        for item in items:
+            if not item.settled:
+                count += 1
+                self._fail(
+                    item,
+                    error_class,
+                    reason,
+                    text,
+                    status=status,
+                    message=message,
+                    release_order=False,
+                )
+        return count
+
+    def _break(self, exc: BaseException) -> None:
+        """A bug killed a worker: fail everything loudly rather than keep it silently."""
+        if self.state == "broken":
+            return
+        self.state = "broken"
+        self._stopping = True
+        self._acc.refuse(DROP_BROKEN)
+        current = asyncio.current_task()
+        for task in self._workers:
+            if task is not current:
+                task.cancel()
+        failed = self._fail_waiting(
+            DeliveryError,
+            "internal",
+            f"not sent: the delivery engine failed: {exc!r}",
+            include_in_flight=True,
+        )
+        logger.error(
+            "openpanel_async: the delivery engine failed; %d pending events failed and new "
+            "events are dropped. This is a bug in openpanel-async: please report it.",
+            failed,
+            exc_info=exc,
+        )
+
+    def _report_drops(self) -> None:
+        now = time.monotonic()
+        if now - self._last_drop_report < _DROP_REPORT_INTERVAL:
+            return
+        *_, dropped, _failed = self._acc.snapshot()
+        total = sum(dropped.values())
+        new = total - self._drops_reported
+        self._drops_reported = total
+        self._last_drop_report = now
+        if new > 0:
+            detail = ", ".join(f"{reason}: {n}" for reason, n in sorted(dropped.items()))
+            logger.warning(
+                "openpanel_async: %d events dropped since the last report (in total %s)",
+                new,
+                detail,
+            )
+
+    # --- introspection and shutdown ---------------------------------------------------------
+
+    @property
+    def concurrency(self) -> int:
+        return self._limit
+
+    @property
+    def paused_for(self) -> float:
+        return max(0.0, self._paused_until - self._loop.time())
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def wake(self) -> None:
+        self.notify()
+
+    async def close(self, timeout: float) -> None:
+        """Stop accepting, drain for at most ``timeout`` seconds, then stop everything.
+
+        Events still pending at the deadline are failed with ShutdownError. Cancellation of
+        the caller is re-raised, after the same cleanup has been started.
+        """
+        if self._close_task is None:
+            self._close_task = self._loop.create_task(self._close(timeout))
+        # Shielded: a caller cancelled mid-close must not leave the session half closed.
+        await asyncio.shield(self._close_task)
+
+    async def _close(self, timeout: float) -> None:
+        if self.state == "running":
+            self.state = "closing"
+        self._acc.refuse(DROP_CLOSED)
+        self._acc.wake_all_room_waiters()
+        try:
+            if self._acc.pending and not self._stopping:
+                drained = self._acc.flush_waiter(self._loop)
+                self._kick()
+                try:
+                    async with asyncio.timeout(timeout):
+                        await drained
+                except TimeoutError:
+                    pass
+        finally:
+            self._stopping = True
+            for task in self._workers:
+                task.cancel()
+            workers = list(self._workers)
+            if workers:
+                await asyncio.wait(workers, timeout=1.0)
+            lost = self._fail_waiting(
+                ShutdownError,
+                "shutdown",
+                f"not sent: the client closed before the event was delivered "
+                f"(shutdown_timeout={timeout:g}s)",
+                include_in_flight=True,
+            )
+            self._current.clear()
+            for waiter in self._idle:
+                waiter.cancel()
+            self._idle.clear()
+            try:
+                async with asyncio.timeout(1.0):
+                    await self._session.close()
+            except TimeoutError:
+                logger.warning("openpanel_async: closing the HTTP session timed out")
+            if self.state == "closing":
+                self.state = "closed"
+            self._report_close(lost)
+
+    def _report_close(self, lost: int) -> None:
+        accepted, delivered, failed, dropped, _ = self._acc.snapshot()
+        level = logger.warning if lost or failed else logger.info
+        level(
+            "openpanel_async: closed: %d accepted, %d delivered, %d failed (%d at shutdown), "
+            "%d dropped",
+            accepted,
+            delivered,
+            failed,
+            lost,
+            sum(dropped.values()),
+        )
+
+
+def _describe_exception(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no response"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
