@@ -98,19 +98,23 @@ class Identify(_Payload, frozen=True):
 
 
 class Increment(_Payload, frozen=True):
-    """Add ``value`` (> 0) to a numeric profile property; dots in ``property`` mean nesting."""
+    """Add ``value`` (> 0) to a numeric profile property; dots in ``property`` mean nesting.
+
+    Without ``value`` the field is left out and the server adds 1.
+    """
 
     wire_type: ClassVar[str] = "increment"
 
     profile_id: ProfileId
     property: str
-    value: int | float = 1
+    value: int | float | UnsetType = UNSET
 
     def __post_init__(self) -> None:
         t = self.wire_type
         v.check_profile_id(self.profile_id, f"{t}.profile_id")
         v.check_nonempty_str(self.property, f"{t}.property")
-        v.check_positive_number(self.value, f"{t}.value")
+        if self.value is not UNSET:
+            v.check_positive_number(self.value, f"{t}.value")
 
     def order_key(self) -> str | None:
         return _profile_key(self.profile_id)

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from openpanel_async import OpenPanel, RetryPolicy, Stats
+from openpanel_async.testing import LocalOpenPanel
+
+CLIENT_ID = "5f1c1c1e-0000-4000-8000-00000000abcd"
+CLIENT_SECRET = "sec_do_not_leak_42"
+
+# Tiny timings so that retry scenarios take milliseconds, not seconds.
+FAST_RETRY = RetryPolicy(
+    max_attempts=4,
+    wait_initial=0.01,
+    wait_max=0.04,
+    wait_jitter=0.0,
+    max_elapsed=5.0,
+    max_retry_after=2.0,
+)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[LocalOpenPanel]:
+    async with LocalOpenPanel(client_id=CLIENT_ID, client_secret=CLIENT_SECRET) as srv:
+        yield srv
+
+
+def make_client(server: LocalOpenPanel, **kwargs: object) -> OpenPanel:
+    options: dict[str, object] = {
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+        "api_url": server.url,
+        "retry": FAST_RETRY,
+        "request_timeout": 2.0,
+        "shutdown_timeout": 2.0,
+    }
+    options.update(kwargs)
+    return OpenPanel(**options)  # type: ignore[arg-type]
+
+
+def assert_accounted(stats: Stats, *, closed: bool = False) -> None:
+    """The accounting identity, and nothing pending once closed."""
+    assert stats.accepted == stats.delivered + stats.failed + stats.pending
+    assert stats.failed == sum(stats.failed_by_reason.values())
+    assert stats.dropped == sum(stats.dropped_by_reason.values())
+    if closed:
+        assert stats.pending == 0
+        assert stats.in_flight == 0

@@ -1,0 +1,437 @@
+"""The public API against the local server: payloads, headers, validation, queue, threads."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+import openpanel_async
+from openpanel_async import (
+    ClientClosedError,
+    ConfigError,
+    DeliveryError,
+    Identify,
+    InvalidEventError,
+    OpenPanel,
+    SendTimeoutError,
+    Track,
+)
+from openpanel_async.testing import LocalOpenPanel, Reply
+
+from .conftest import CLIENT_ID, CLIENT_SECRET, assert_accounted, make_client
+
+pytestmark = pytest.mark.anyio
+
+TIMESTAMP_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def test_public_surface_is_pinned() -> None:
+    assert openpanel_async.__all__ == sorted(openpanel_async.__all__)
+    assert set(openpanel_async.__all__) == {
+        "AssignGroup", "AuthenticationError", "ClientClosedError", "ConfigError", "Decrement",
+        "DeliveryError", "DroppedByServerError", "Event", "Group", "Identify", "Increment",
+        "InvalidEventError", "OpenPanel", "OpenPanelError", "RejectedError",
+        "RetriesExhaustedError", "RetryPolicy", "SendTimeoutError", "ShutdownError", "Stats",
+        "Track", "__version__",
+    }  # fmt: skip
+    assert issubclass(InvalidEventError, ValueError)
+    assert issubclass(ConfigError, ValueError)
+
+
+async def test_every_event_type_exact_payload_and_headers(server: LocalOpenPanel) -> None:
+    async with make_client(server, client_id=CLIENT_ID.upper()) as op:
+        assert op.track("my_event", {"foo": "bar"}, profile_id="123", groups=["org_acme"])
+        assert op.identify(
+            "123",
+            first_name="Joe",
+            last_name="Doe",
+            email="joe@doe.com",
+            avatar=None,
+            properties={"tier": "premium"},
+        )
+        assert op.increment("1", "visits", 1)
+        assert op.decrement("1", "visits", 2)
+        assert op.group("org_acme", "company", "Acme Inc", {"plan": "enterprise", "seats": 25})
+        assert op.assign_group(["org_acme"], profile_id="user_123")
+        assert await op.flush(timeout=5)
+        stats = op.stats()
+    assert stats.delivered == 6
+    assert len(server.requests) == 6
+    by_type = {r.type: r for r in server.requests}
+    track = by_type["track"].payload
+    assert track is not None
+    stamp = track["properties"].pop("__timestamp")
+    assert TIMESTAMP_RE.fullmatch(stamp)
+    assert track == {
+        "name": "my_event",
+        "properties": {"foo": "bar"},
+        "profileId": "123",
+        "groups": ["org_acme"],
+    }
+    assert by_type["identify"].payload == {
+        "profileId": "123",
+        "firstName": "Joe",
+        "lastName": "Doe",
+        "email": "joe@doe.com",
+        "properties": {"tier": "premium"},
+    }
+    assert by_type["increment"].payload == {"profileId": "1", "property": "visits", "value": 1}
+    assert by_type["decrement"].payload == {"profileId": "1", "property": "visits", "value": 2}
+    assert by_type["group"].payload == {
+        "id": "org_acme",
+        "type": "company",
+        "name": "Acme Inc",
+        "properties": {"plan": "enterprise", "seats": 25},
+    }
+    assert by_type["assign_group"].payload == {"groupIds": ["org_acme"], "profileId": "user_123"}
+    for request in server.requests:
+        assert request.path == "/track"
+        headers = request.headers
+        assert headers["content-type"] == "application/json"
+        assert headers["openpanel-client-id"] == CLIENT_ID  # lower-cased
+        assert headers["openpanel-client-secret"] == CLIENT_SECRET
+        assert headers["openpanel-sdk-name"] == "openpanel-async"
+        assert headers["openpanel-sdk-version"] == openpanel_async.__version__
+        assert headers["user-agent"] == f"openpanel-async/{openpanel_async.__version__}"
+        assert "x-client-ip" not in headers
+        assert "content-encoding" not in headers
+
+
+async def test_optionals_left_unset_are_omitted_not_null(server: LocalOpenPanel) -> None:
+    async with make_client(server) as op:
+        op.track("bare")
+        op.identify("42")
+        op.assign_group(["g1", "g2"])
+        op.group("g1", "team", "One")
+        assert await op.flush(timeout=5)
+    bodies = {r.type: r.body for r in server.requests}
+    assert b"null" not in b"".join(bodies.values())
+    payloads = {r.type: r.payload for r in server.requests}
+    assert payloads["identify"] == {"profileId": "42"}
+    assert payloads["assign_group"] == {"groupIds": ["g1", "g2"]}
+    assert payloads["group"] == {"id": "g1", "type": "team", "name": "One"}
+    track = payloads["track"]
+    assert track is not None
+    assert set(track) == {"name", "properties"}
+    assert set(track["properties"]) == {"__timestamp"}
+
+
+async def test_timestamp_is_call_time_explicit_or_kept(server: LocalOpenPanel) -> None:
+    own = {"a": 1}
+    given = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone(timedelta(hours=2)))
+    async with make_client(server) as op:
+        before = datetime.now(UTC)
+        op.track("now", own)
+        after = datetime.now(UTC)
+        op.track("given", {"b": 2}, timestamp=given)
+        op.track("kept", {"__timestamp": "2025-05-05T05:05:05.005Z"})
+        op.send_nowait(Track(name="struct"))
+        assert await op.flush(timeout=5)
+    assert own == {"a": 1}  # the caller's dict is not modified
+    props = {r.payload["name"]: r.properties for r in server.requests if r.payload}
+    stamp = datetime.strptime(props["now"]["__timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    stamp = stamp.replace(tzinfo=UTC)
+    assert before - timedelta(milliseconds=1) <= stamp <= after + timedelta(milliseconds=1)
+    assert props["given"] == {"b": 2, "__timestamp": "2026-01-02T01:04:05.678Z"}
+    assert props["kept"] == {"__timestamp": "2025-05-05T05:05:05.005Z"}
+    assert TIMESTAMP_RE.fullmatch(props["struct"]["__timestamp"])
+
+
+async def test_timestamp_of_a_queued_event_is_when_it_was_tracked(server: LocalOpenPanel) -> None:
+    server.script(Reply(status=503), Reply(status=503))
+    async with make_client(server) as op:
+        op.track("late")
+        tracked = time.time()
+        assert await op.flush(timeout=5)
+    assert len(server.requests) == 3
+    # Retries carry the original stamp: the body is encoded once.
+    assert len({r.body for r in server.requests}) == 1
+    stamp = datetime.strptime(server.requests[-1].properties["__timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    assert abs(stamp.replace(tzinfo=UTC).timestamp() - tracked) < 0.05
+
+
+async def test_client_ip_and_user_agent_per_event(server: LocalOpenPanel) -> None:
+    ua = "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_0) AppleWebKit/605.1.15 Safari/605.1.15"
+    async with make_client(server) as op:
+        op.track("with", client_ip="203.0.113.9", user_agent=ua)
+        op.identify("7", client_ip="2001:db8::1")
+        op.send_nowait(Track(name="plain"))
+        op.increment("7", "n", user_agent=ua)
+        assert await op.flush(timeout=5)
+    seen = {
+        (r.payload or {}).get("name", r.type): (r.headers.get("x-client-ip"), r.headers["user-agent"])
+        for r in server.requests
+    }
+    default_ua = f"openpanel-async/{openpanel_async.__version__}"
+    assert seen == {
+        "with": ("203.0.113.9", ua),
+        "identify": ("2001:db8::1", default_ua),
+        "plain": (None, default_ua),
+        "increment": (None, ua),
+    }
+
+
+BAD_CALLS: list[tuple[str, Callable[[OpenPanel], object], str]] = [
+    ("empty name", lambda op: op.track(""), "track.name: must not be empty"),
+    ("long name", lambda op: op.track("x" * 81), "track.name: must be at most 80"),
+    ("newline", lambda op: op.track("a\nb"), "track.name: must not contain a newline"),
+    ("reserved", lambda op: op.track("session_start"), "track.name: 'session_start' is reserved"),
+    ("blocked", lambda op: op.track("x union select 1"), "track.name: contains 'union select'"),
+    ("scan path", lambda op: op.track("/wp-login.php"), "track.name:"),
+    ("name type", lambda op: op.track(3), "track.name: must be a str"),  # type: ignore[arg-type]
+    ("props type", lambda op: op.track("a", [1]), "track.properties: must be a dict"),  # type: ignore[arg-type]
+    ("unencodable", lambda op: op.track("a", {"x": object()}), "track.properties: cannot be encoded"),
+    ("empty profile", lambda op: op.track("a", profile_id=""), "track.profile_id: must not be empty"),
+    ("empty group", lambda op: op.track("a", groups=[""]), "track.groups[0]: must not be empty"),
+    ("naive ts", lambda op: op.track("a", timestamp=datetime(2026, 1, 1)), "timestamp: must be timezone-aware"),
+    ("identify id", lambda op: op.identify(""), "identify.profile_id: must not be empty"),
+    ("email", lambda op: op.identify("1", email="joe@"), "identify.email:"),
+    ("avatar", lambda op: op.identify("1", avatar="not a url"), "identify.avatar:"),
+    ("zero inc", lambda op: op.increment("1", "visits", 0), "increment.value: must be greater than 0"),
+    ("neg dec", lambda op: op.decrement("1", "visits", -2), "decrement.value: must be greater than 0"),
+    ("nan inc", lambda op: op.increment("1", "visits", float("nan")), "increment.value: must be a finite"),
+    ("empty prop", lambda op: op.increment("1", ""), "increment.property: must not be empty"),
+    ("group id", lambda op: op.group("", "company", "Acme"), "group.id: must not be empty"),
+    ("group type", lambda op: op.group("g", "", "Acme"), "group.type: must not be empty"),
+    ("group name", lambda op: op.group("g", "company", ""), "group.name: must not be empty"),
+    ("no groups", lambda op: op.assign_group([]), "assign_group.group_ids: must hold at least one"),
+    ("str groups", lambda op: op.assign_group("org"), "assign_group.group_ids: must be a list"),
+    ("bad ip", lambda op: op.track("a", client_ip="1.2.3.4\r\nx: y"), "client_ip:"),
+    ("bad ua", lambda op: op.track("a", user_agent=""), "user_agent:"),
+    ("revenue", lambda op: op.track("revenue", {"__revenue": -5}), "track.properties.__revenue"),
+    ("not an event", lambda op: op.send_nowait({"name": "x"}), "event: must be a Track"),  # type: ignore[arg-type]
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "call", "message"), BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+async def test_bad_input_raises_at_call_site_and_keeps_accepted_events(
+    server: LocalOpenPanel, case: str, call: Callable[[OpenPanel], object], message: str
+) -> None:
+    async with make_client(server) as op:
+        assert op.track("before")
+        with pytest.raises(InvalidEventError) as info:
+            call(op)
+        assert str(info.value).startswith(message), str(info.value)
+        assert op.track("after")
+        assert await op.flush(timeout=5)
+        stats = op.stats()
+    assert stats.accepted == 2
+    assert stats.delivered == 2
+    assert [r.payload["name"] for r in server.requests if r.payload] == ["before", "after"]
+
+
+async def test_oversized_event_is_refused_at_call_site(server: LocalOpenPanel) -> None:
+    async with make_client(server, max_event_bytes=200) as op:
+        with pytest.raises(InvalidEventError, match="more than max_event_bytes=200"):
+            op.track("big", {"blob": "x" * 300})
+        assert op.track("small")
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"client_id": "not-a-uuid"}, "client_id: must be a UUID"),
+        ({"client_id": 5}, "client_id: must be a UUID"),
+        ({"client_secret": ""}, "client_secret: must be a non-empty str"),
+        ({"api_url": "ftp://x"}, "api_url:"),
+        ({"api_url": "https://"}, "api_url:"),
+        ({"api_url": "https://h/track?x=1"}, "api_url: must not carry a query"),
+        ({"max_queue_size": 0}, "max_queue_size: must be an int >= 1"),
+        ({"max_concurrency": True}, "max_concurrency: must be an int >= 1"),
+        ({"request_timeout": 0}, "request_timeout: must be > 0"),
+        ({"shutdown_timeout": -1}, "shutdown_timeout: must be >= 0"),
+        ({"request_timeout": float("inf")}, "request_timeout: must be a finite"),
+        ({"retry": {"max_attempts": 3}}, "retry: must be a RetryPolicy"),
+        ({"on_error": 3}, "on_error: must be callable"),
+    ],
+)
+def test_bad_configuration_raises_config_error(kwargs: dict[str, Any], message: str) -> None:
+    options: dict[str, Any] = {"client_id": CLIENT_ID, "client_secret": "s3cr3t-value"}
+    options.update(kwargs)
+    with pytest.raises(ConfigError) as info:
+        OpenPanel(**options)
+    assert str(info.value).startswith(message)
+    assert "s3cr3t-value" not in str(info.value)
+
+
+def test_async_on_error_is_refused() -> None:
+    async def handler(error: DeliveryError) -> None:
+        pass
+
+    with pytest.raises(ConfigError, match="on_error: must be a plain function"):
+        OpenPanel(client_id=CLIENT_ID, on_error=handler)
+
+
+async def test_secret_never_in_repr_or_logs(
+    server: LocalOpenPanel, caplog: pytest.LogCaptureFixture
+) -> None:
+    errors: list[DeliveryError] = []
+    op = make_client(server, client_secret="wrong-secret-xyz", on_error=errors.append)
+    assert "wrong-secret-xyz" not in repr(op)
+    async with op:
+        op.track("a")
+        await op.flush(timeout=5)
+    assert errors
+    assert "wrong-secret-xyz" not in repr(op)
+    for error in errors:
+        assert "wrong-secret-xyz" not in str(error) + repr(error)
+    assert "wrong-secret-xyz" not in caplog.text
+    assert CLIENT_SECRET not in caplog.text
+
+
+async def test_queue_full_returns_false_and_counts(server: LocalOpenPanel) -> None:
+    async with make_client(server, max_queue_size=3) as op:
+        # No await between the calls: the sender cannot drain anything meanwhile.
+        results = [op.track("e", {"i": i}) for i in range(5)]
+        assert results == [True, True, True, False, False]
+        stats = op.stats()
+        assert (stats.accepted, stats.dropped, stats.pending) == (3, 2, 3)
+        assert dict(stats.dropped_by_reason) == {"queue_full": 2}
+        assert await op.flush(timeout=5)
+        assert op.track("room again")
+        assert await op.flush(timeout=5)
+        stats = op.stats()
+    assert stats.delivered == 4
+    assert [r.properties.get("i") for r in server.requests] == [0, 1, 2, None]
+    assert_accounted(stats, closed=True)
+
+
+async def test_calls_after_close_are_dropped(server: LocalOpenPanel) -> None:
+    op = make_client(server)
+    async with op:
+        op.track("a")
+    assert op.track("late") is False
+    assert op.identify("1") is False
+    stats = op.stats()
+    assert stats.state == "closed"
+    assert dict(stats.dropped_by_reason) == {"closed": 1 + 1}
+    with pytest.raises(ClientClosedError):
+        await op.send(Track(name="x"))
+    await op.aclose()  # idempotent
+    assert len(server.requests) == 1
+
+
+async def test_events_tracked_before_start_and_from_threads_before_start(
+    server: LocalOpenPanel,
+) -> None:
+    op = make_client(server)
+
+    def produce(tag: str) -> None:
+        for i in range(200):
+            assert op.track("threaded", {"t": tag, "i": i})
+
+    threads = [threading.Thread(target=produce, args=(f"t{n}",)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert op.stats().state == "new"
+    assert op.stats().pending == 600
+    async with op:
+        assert await op.flush(timeout=10)
+    assert op.stats().delivered == 600
+    seen = {(r.properties["t"], r.properties["i"]) for r in server.requests}
+    assert len(seen) == 600
+
+
+async def test_track_from_many_threads_while_running(server: LocalOpenPanel) -> None:
+    async with make_client(server, max_queue_size=100_000) as op:
+        errors: list[BaseException] = []
+
+        def produce(tag: int) -> None:
+            try:
+                for i in range(500):
+                    assert op.track("threaded", {"t": tag, "i": i}, profile_id=f"p{tag}")
+                    if i % 100 == 0:
+                        time.sleep(0.001)  # interleave with the loop
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=produce, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        while any(t.is_alive() for t in threads):
+            await asyncio.sleep(0.01)
+        assert not errors
+        assert await op.flush(timeout=20)
+        stats = op.stats()
+    assert stats.accepted == stats.delivered == 2000
+    seen = {(r.properties["t"], r.properties["i"]) for r in server.requests}
+    assert len(seen) == 2000 == len(server.requests)
+    assert_accounted(op.stats(), closed=True)
+
+
+async def test_lazy_start_inside_a_running_loop(server: LocalOpenPanel) -> None:
+    op = make_client(server)
+    assert op.stats().state == "new"
+    op.track("lazy")
+    assert op.stats().state == "running"
+    assert await op.flush(timeout=5)
+    await op.aclose()
+    assert len(server.requests) == 1
+
+
+async def test_send_waits_for_room_and_never_drops(server: LocalOpenPanel) -> None:
+    server.response_delay = 0.002
+    async with make_client(server, max_queue_size=10, max_concurrency=4) as op:
+        for i in range(300):
+            await op.send(Track(name="bp", properties={"i": i}))
+        assert await op.flush(timeout=10)
+        stats = op.stats()
+    assert stats.dropped == 0
+    assert stats.delivered == 300
+    assert sorted(r.properties["i"] for r in server.requests) == list(range(300))
+
+
+async def test_send_times_out_and_fails_when_closed(server: LocalOpenPanel) -> None:
+    server.script(*[Reply(hang=True)] * 2)
+    op = make_client(server, max_queue_size=1, shutdown_timeout=0.1)
+    async with op:
+        await op.send(Identify(profile_id="1"), client_ip="198.51.100.4")
+        started = time.monotonic()
+        with pytest.raises(SendTimeoutError, match="max_queue_size=1"):
+            await op.send(Identify(profile_id="2"), timeout=0.05)
+        assert 0.04 <= time.monotonic() - started < 1.0
+        # A sender waiting for room is released, with an error, when the client closes.
+        waiting = asyncio.ensure_future(op.send(Identify(profile_id="3")))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+    with pytest.raises(ClientClosedError):
+        await waiting
+    stats = op.stats()
+    assert stats.accepted == 1
+    assert stats.failed == 1
+    assert_accounted(stats, closed=True)
+
+
+async def test_flush_with_nothing_pending_and_before_start(server: LocalOpenPanel) -> None:
+    op = make_client(server)
+    assert await op.flush(timeout=1)
+    await op.aclose()
+    assert await op.flush(timeout=1)
+
+
+async def test_api_url_with_path_prefix(server: LocalOpenPanel) -> None:
+    async with LocalOpenPanel(path_prefix="/api") as prefixed:
+        async with make_client(prefixed, api_url=prefixed.url + "/") as op:
+            op.track("prefixed")
+            assert await op.flush(timeout=5)
+        assert [r.path for r in prefixed.requests] == ["/api/track"]
+        assert prefixed.requests[0].status == 200
+
+
+async def test_stats_snapshot_is_frozen(server: LocalOpenPanel) -> None:
+    async with make_client(server) as op:
+        stats = op.stats()
+        with pytest.raises(AttributeError):
+            stats.accepted = 5  # type: ignore[misc]
+        with pytest.raises(TypeError):
+            stats.dropped_by_reason["x"] = 1  # type: ignore[index]

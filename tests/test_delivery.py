@@ -1,0 +1,446 @@
+"""Delivery against a misbehaving local server: retries, rate limits, deadlines, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+
+from openpanel_async import (
+    AuthenticationError,
+    DeliveryError,
+    DroppedByServerError,
+    Increment,
+    RejectedError,
+    RetriesExhaustedError,
+    RetryPolicy,
+    ShutdownError,
+)
+from openpanel_async.testing import LocalOpenPanel, Reply
+
+from .conftest import CLIENT_ID, FAST_RETRY, assert_accounted, make_client
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_concurrency_reaches_but_never_exceeds_max(server: LocalOpenPanel) -> None:
+    server.response_delay = 0.05
+    async with make_client(server, max_concurrency=8) as op:
+        for i in range(48):
+            op.track("slow", {"i": i})
+        await asyncio.sleep(0.02)
+        assert op.stats().in_flight == 8
+        assert await op.flush(timeout=5)
+        stats = op.stats()
+    assert server.peak_in_flight == 8
+    assert stats.delivered == 48
+    assert stats.concurrency == 8
+
+
+async def test_worker_pool_shrinks_when_idle(server: LocalOpenPanel) -> None:
+    server.response_delay = 0.02
+    async with make_client(server, max_concurrency=16, idle_timeout=0.05) as op:
+        for _ in range(64):
+            op.track("burst")
+        assert await op.flush(timeout=5)
+        assert server.peak_in_flight == 16
+        await asyncio.sleep(0.2)
+        # Idle workers exited: no task of ours is left running between bursts.
+        assert not [t for t in asyncio.all_tasks() if "_worker" in repr(t.get_coro())]
+        op.track("again")
+        assert await op.flush(timeout=5)
+    assert len(server.events) == 65
+
+
+async def test_server_errors_then_success_delivered_once(server: LocalOpenPanel) -> None:
+    server.script(
+        Reply(status=503),
+        Reply(status=500, body="Internal server error"),
+        Reply(status=502, body=b"\xff\xfe not utf-8"),
+    )
+    errors: list[DeliveryError] = []
+    async with make_client(server, on_error=errors.append) as op:
+        op.track("flaky")
+        assert await op.flush(timeout=5)
+        stats = op.stats()
+    assert [r.status for r in server.requests] == [503, 500, 502, 200]
+    assert len({r.body for r in server.requests}) == 1
+    assert (stats.delivered, stats.failed, stats.retries) == (1, 0, 3)
+    assert errors == []
+
+
+async def test_timeouts_and_dropped_connections_are_retried(server: LocalOpenPanel) -> None:
+    server.script(Reply(drop=True), Reply(delay=0.5), Reply(status=408))
+    async with make_client(server, request_timeout=0.1) as op:
+        started = time.monotonic()
+        op.track("unlucky")
+        assert await op.flush(timeout=5)
+        elapsed = time.monotonic() - started
+        stats = op.stats()
+    assert stats.delivered == 1
+    assert stats.retries == 3
+    assert elapsed < 1.0
+    assert [r.status for r in server.requests][-1] == 200
+
+
+async def test_retries_exhausted_reports_every_detail(server: LocalOpenPanel) -> None:
+    server.script(*[Reply(status=503, body={"message": "try later"})] * 4)
+    errors: list[DeliveryError] = []
+    async with make_client(server, on_error=errors.append) as op:
+        op.track("doomed")
+        assert await op.flush(timeout=5)
+        stats = op.stats()
+    assert len(server.requests) == FAST_RETRY.max_attempts == 4
+    assert (stats.delivered, stats.failed) == (0, 1)
+    assert dict(stats.failed_by_reason) == {"retries_exhausted": 1}
+    [error] = errors
+    assert isinstance(error, RetriesExhaustedError)
+    assert (error.status, error.server_message, error.attempts) == (503, "try later", 4)
+    assert error.reason == "retries_exhausted"
+    assert error.event_type == "track"
+    assert error.event.name == "doomed"  # type: ignore[union-attr]
+    assert "4 attempts" in str(error)
+
+
+async def test_network_failure_reports_the_cause() -> None:
+    errors: list[DeliveryError] = []
+    # Nothing listens on this port: every attempt is refused.
+    async with LocalOpenPanel() as srv:
+        url = srv.url
+    async with make_client(LocalOpenPanel(), api_url=url, on_error=errors.append) as op:
+        op.track("nobody home")
+        assert await op.flush(timeout=5)
+    [error] = errors
+    assert isinstance(error, RetriesExhaustedError)
+    assert error.status is None
+    assert error.cause is not None
+    assert error.attempts == 4
+
+
+@pytest.mark.parametrize("status", [400, 404, 413, 415, 422])
+async def test_client_errors_fail_without_retry(server: LocalOpenPanel, status: int) -> None:
+    server.script(Reply(status=status, body={"status": status, "message": f"nope {status}"}))
+    errors: list[DeliveryError] = []
+    async with make_client(server, on_error=errors.append) as op:
+        op.track("refused")
+        op.track("fine")
+        assert await op.flush(timeout=5)
+        stats = op.stats()
+    assert len(server.requests) == 2
+    assert (stats.delivered, stats.failed, stats.retries) == (1, 1, 0)
+    [error] = errors
+    assert isinstance(error, RejectedError)
+    assert (error.status, error.server_message, error.attempts) == (status, f"nope {status}", 1)
+
+
+async def test_real_validation_error_from_server_is_reported(server: LocalOpenPanel) -> None:
+    # An event our validation cannot see: a scripted 400 with the server's real message.
+    server.script(
+        Reply(status=400, body={"status": 400, "error": "Error", "message": "body/payload/name x"})
+    )
+    errors: list[DeliveryError] = []
+    async with make_client(server, on_error=errors.append) as op:
+        op.track("a")
+        await op.flush(timeout=5)
+    assert errors[0].server_message == "body/payload/name x"
+
+
+async def test_unauthorized_stops_sending_and_logs_once(
+    server: LocalOpenPanel, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.response_delay = 0.01
+    errors: list[DeliveryError] = []
+    caplog.set_level(logging.WARNING, logger="openpanel_async")
+    async with make_client(
+        server, client_secret="wrong", max_concurrency=2, on_error=errors.append
+    ) as op:
+        for i in range(50):
+            op.track("x", {"i": i})
+        assert await op.flush(timeout=5)
+        stats = op.stats()
+        assert op.track("after") is False
+        after = op.stats()
+    assert stats.state == "unauthorized"
+    assert stats.failed == 50
+    assert dict(stats.failed_by_reason) == {"unauthorized": 50}
+    # Only the requests already in flight went out; nothing was retried.
+    assert len(server.requests) <= 2
+    assert all(isinstance(e, AuthenticationError) for e in errors)
+    assert len(errors) == 50
+    assert errors[0].server_message == "Ingestion: Invalid cors or secret"
+    assert dict(after.dropped_by_reason) == {"unauthorized": 1}
+    auth_lines = [r for r in caplog.records if "refused the credentials" in r.getMessage()]
+    assert len(auth_lines) == 1
+    assert auth_lines[0].levelno == logging.ERROR
+    assert "Ingestion: Invalid cors or secret" in auth_lines[0].getMessage()
+
+
+async def test_bot_drop_is_counted_not_retried(server: LocalOpenPanel) -> None:
+    errors: list[DeliveryError] = []
+    async with make_client(server, client_secret=None, on_error=errors.append) as op:
+        server.client_secret = None
+        op.track("crawl", user_agent="Googlebot/2.1 (+http://www.google.com/bot.html)")
+        assert await op.flush(timeout=5)
+        stats = op.stats()
+    assert [r.status for r in server.requests] == [202]
+    assert dict(stats.failed_by_reason) == {"bot": 1}
+    assert isinstance(errors[0], DroppedByServerError)
+
+
+async def test_duplicate_event_text_body_counts_as_delivered(server: LocalOpenPanel) -> None:
+    server.script(Reply(status=200, body="Duplicate event"))
+    async with make_client(server) as op:
+        op.track("twice")
+        assert await op.flush(timeout=5)
+        assert op.stats().delivered == 1
+
+
+async def test_redirects_are_not_followed(server: LocalOpenPanel) -> None:
+    async with LocalOpenPanel() as elsewhere:
+        server.script(Reply(status=307, headers={"location": elsewhere.url + "/track"}))
+        errors: list[DeliveryError] = []
+        async with make_client(server, on_error=errors.append) as op:
+            op.track("moved")
+            assert await op.flush(timeout=5)
+        assert elsewhere.requests == []  # the secret never travelled
+    assert isinstance(errors[0], RejectedError)
+    assert errors[0].status == 307
+
+
+async def test_429_retry_after_pauses_all_requests(server: LocalOpenPanel) -> None:
+    server.script(Reply(status=429, headers={"retry-after": "0.3"}))
+    async with make_client(server, max_concurrency=4) as op:
+        op.track("first")
+        await server.wait_for_requests(1)
+        limited_at = server.requests[0].arrived
+        await asyncio.sleep(0.01)
+        paused = op.stats().paused_for
+        assert 0.2 < paused <= 0.3
+        for i in range(5):
+            op.track("later", {"i": i})
+        assert await op.flush(timeout=5)
+        stats = op.stats()
+    later = server.requests[1:]
+    assert len(later) == 6
+    assert all(r.status == 200 for r in later)
+    assert min(r.arrived for r in later) - limited_at >= 0.3
+    assert (stats.rate_limited, stats.delivered, stats.failed) == (1, 6, 0)
+
+
+async def test_429_http_date_and_reset_header_fallback(server: LocalOpenPanel) -> None:
+    server.script(
+        Reply(status=429, headers={"x-ratelimit-reset": "0.2"}),
+        Reply(status=429, body="slow down"),  # no header: backoff
+    )
+    async with make_client(server) as op:
+        op.track("a")
+        assert await op.flush(timeout=5)
+        stats = op.stats()
+    arrivals = [r.arrived for r in server.requests]
+    assert arrivals[1] - arrivals[0] >= 0.2
+    assert (stats.rate_limited, stats.delivered) == (2, 1)
+
+
+async def test_429s_do_not_use_up_attempts_but_max_elapsed_bounds_them(
+    server: LocalOpenPanel,
+) -> None:
+    server.script(*[Reply(status=429, headers={"retry-after": "0.01"})] * 6)
+    async with make_client(server) as op:
+        op.track("patient")
+        assert await op.flush(timeout=5)
+        assert op.stats().delivered == 1  # 6 rate limits > max_attempts=4, still delivered
+    server.reset()
+    server.script(*[Reply(status=429, headers={"retry-after": "0.05"})] * 50)
+    errors: list[DeliveryError] = []
+    policy = RetryPolicy(wait_initial=0.01, wait_max=0.02, wait_jitter=0, max_elapsed=0.2)
+    async with make_client(server, retry=policy, on_error=errors.append) as op:
+        op.track("impatient")
+        assert await op.flush(timeout=5)
+    assert isinstance(errors[0], RetriesExhaustedError)
+    assert errors[0].status == 429
+    assert 3 <= len(server.requests) <= 6
+
+
+async def test_retry_after_is_capped_by_max_retry_after(server: LocalOpenPanel) -> None:
+    server.script(Reply(status=429, headers={"retry-after": "3600"}))
+    policy = RetryPolicy(wait_initial=0.01, wait_max=0.02, wait_jitter=0, max_retry_after=0.1)
+    async with make_client(server, retry=policy) as op:
+        started = time.monotonic()
+        op.track("capped")
+        assert await op.flush(timeout=5)
+    assert 0.1 <= time.monotonic() - started < 1.0
+
+
+async def test_remaining_zero_pauses_before_the_next_request(server: LocalOpenPanel) -> None:
+    server.script(
+        Reply(status=200, headers={"x-ratelimit-remaining": "0", "x-ratelimit-reset": "0.25"})
+    )
+    async with make_client(server, max_concurrency=1) as op:
+        op.track("one")
+        op.track("two")
+        assert await op.flush(timeout=5)
+        stats = op.stats()
+    first, second = server.requests
+    assert second.arrived - first.arrived >= 0.25
+    assert stats.rate_limited == 0
+    assert stats.delivered == 2
+
+
+async def test_flush_times_out_when_server_hangs(server: LocalOpenPanel) -> None:
+    server.script(Reply(hang=True))
+    async with make_client(server, shutdown_timeout=0.1) as op:
+        op.track("stuck")
+        started = time.monotonic()
+        assert await op.flush(timeout=0.1) is False
+        assert 0.1 <= time.monotonic() - started < 0.5
+        assert op.stats().pending == 1
+
+
+async def test_aclose_drains_pending_events(server: LocalOpenPanel) -> None:
+    server.response_delay = 0.005
+    op = make_client(server, max_concurrency=4)
+    async with op:
+        for i in range(100):
+            op.track("drain", {"i": i})
+    stats = op.stats()
+    assert stats.delivered == 100
+    assert stats.state == "closed"
+    assert_accounted(stats, closed=True)
+
+
+async def test_aclose_respects_deadline_when_server_hangs(
+    server: LocalOpenPanel, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.script(*[Reply(hang=True)] * 10)
+    errors: list[DeliveryError] = []
+    op = make_client(server, max_concurrency=4, shutdown_timeout=0.2, on_error=errors.append)
+    await op.start()
+    for i in range(10):
+        op.track("hung", {"i": i})
+    await asyncio.sleep(0.02)
+    started = time.monotonic()
+    await op.aclose()
+    elapsed = time.monotonic() - started
+    assert 0.2 <= elapsed < 0.6
+    stats = op.stats()
+    assert stats.failed == 10
+    assert dict(stats.failed_by_reason) == {"shutdown": 10}
+    assert len(errors) == 10
+    assert all(isinstance(e, ShutdownError) for e in errors)
+    assert_accounted(stats, closed=True)
+    [summary] = [r for r in caplog.records if "closed:" in r.getMessage()]
+    assert summary.levelno == logging.WARNING
+    assert "10 failed (10 at shutdown)" in summary.getMessage()
+
+
+async def test_cancelling_the_owner_closes_cleanly(server: LocalOpenPanel) -> None:
+    server.script(*[Reply(hang=True)] * 3)
+    entered = asyncio.Event()
+
+    async def owner() -> None:
+        async with make_client(server, shutdown_timeout=0.1) as op:
+            for _ in range(3):
+                op.track("owned")
+            entered.set()
+            await asyncio.sleep(10)
+
+    before = set(asyncio.all_tasks())
+    task = asyncio.ensure_future(owner())
+    await entered.wait()
+    await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0)
+    leftover = set(asyncio.all_tasks()) - before - {asyncio.current_task()}
+    # The server's own handlers may still hang; none of the client's tasks may remain.
+    assert not [t for t in leftover if "Sender" in t.get_coro().__qualname__]  # type: ignore[union-attr]
+    assert task.cancelled()
+
+
+async def test_profile_operations_keep_call_order(server: LocalOpenPanel) -> None:
+    server.script(Reply(delay=0.05))  # the first one is slow; the rest must wait for it
+    async with make_client(server, max_concurrency=8) as op:
+        op.identify("p1", first_name="A")
+        for i in range(1, 6):
+            op.increment("p1", "n", i)
+        op.increment("p2", "n", 1)  # another profile does not wait
+        assert await op.flush(timeout=5)
+    p1 = [r for r in server.requests if (r.payload or {}).get("profileId") == "p1"]
+    assert [r.type for r in p1] == ["identify"] + ["increment"] * 5
+    assert [(r.payload or {}).get("value") for r in p1[1:]] == [1, 2, 3, 4, 5]
+    p2 = next(r for r in server.requests if (r.payload or {}).get("profileId") == "p2")
+    assert p2.arrived < p1[1].arrived
+
+
+async def test_profile_not_found_is_retried_then_failed(server: LocalOpenPanel) -> None:
+    not_found = Reply(status=404, body={"status": 404, "message": "Profile not found"})
+    server.script(not_found, not_found)
+    async with make_client(server) as op:
+        op.send_nowait(Increment(profile_id="new", property="visits", value=1))
+        assert await op.flush(timeout=5)
+        assert op.stats().delivered == 1
+    server.reset()
+    server.script(*[not_found] * 10)
+    errors: list[DeliveryError] = []
+    policy = RetryPolicy(max_attempts=10, wait_initial=0.01, wait_max=0.02, wait_jitter=0)
+    async with make_client(server, retry=policy, on_error=errors.append) as op:
+        op.decrement("new", "visits")
+        assert await op.flush(timeout=5)
+    assert len(server.requests) == 4  # a few spaced tries, not the whole budget
+    assert isinstance(errors[0], RetriesExhaustedError)
+    assert errors[0].server_message == "Profile not found"
+
+
+async def test_on_error_that_raises_does_not_break_delivery(
+    server: LocalOpenPanel, caplog: pytest.LogCaptureFixture
+) -> None:
+    def explode(error: DeliveryError) -> None:
+        raise RuntimeError("callback bug")
+
+    server.script(Reply(status=400), Reply(status=400))
+    async with make_client(server, on_error=explode) as op:
+        op.track("a")
+        op.track("b")
+        op.track("c")
+        assert await op.flush(timeout=5)
+        stats = op.stats()
+    assert (stats.delivered, stats.failed) == (1, 2)
+    assert len([r for r in caplog.records if "on_error callback raised" in r.getMessage()]) == 1
+
+
+async def test_a_bug_in_the_engine_fails_pending_events_loudly(
+    server: LocalOpenPanel, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from openpanel_async import _sender
+
+    def broken(*args: object) -> object:
+        raise RuntimeError("simulated bug")
+
+    server.script(Reply(status=500))
+    monkeypatch.setattr(_sender, "classify", broken)
+    errors: list[DeliveryError] = []
+    async with make_client(server, max_concurrency=1, on_error=errors.append) as op:
+        for _ in range(5):
+            op.track("victim")
+        assert await op.flush(timeout=5)
+        stats = op.stats()
+        assert op.track("refused") is False
+    assert stats.state == "broken"
+    assert dict(stats.failed_by_reason) == {"internal": 5}
+    assert all(e.reason == "internal" for e in errors)
+    assert any("delivery engine failed" in r.getMessage() for r in caplog.records)
+    assert_accounted(op.stats(), closed=True)
+
+
+async def test_credentials_in_client_id_are_checked(server: LocalOpenPanel) -> None:
+    errors: list[DeliveryError] = []
+    other = "00000000-0000-4000-8000-000000000000"
+    async with make_client(server, client_id=other, on_error=errors.append) as op:
+        op.track("x")
+        await op.flush(timeout=5)
+    assert errors[0].status == 401
+    assert server.requests[0].headers["openpanel-client-id"] == other
+    assert CLIENT_ID != other
