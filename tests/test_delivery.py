@@ -20,7 +20,7 @@ from openpanel_async import (
 )
 from openpanel_async.testing import LocalOpenPanel, Reply
 
-from .conftest import CLIENT_ID, FAST_RETRY, assert_accounted, make_client
+from .conftest import FAST_RETRY, assert_accounted, make_client
 
 pytestmark = pytest.mark.anyio
 
