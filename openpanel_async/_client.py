@@ -262,6 +262,12 @@ class OpenPanel:
                 "event: must be a Track, Identify, Increment, Decrement, Group or AssignGroup, "
                 f"not {event_class.__name__}"
             )
+        return self._item(event, event.order_key(), client_ip, user_agent)
+
+    def _item(
+        self, event: Event, order_key: str | None, client_ip: str | None, user_agent: str | None
+    ) -> Item:
+        """Encode once and wrap for the queue: the part of the hot path every event shares."""
         body = encode_event(event)
         if len(body) > self._max_event_bytes:
             raise InvalidEventError(
@@ -272,7 +278,7 @@ class OpenPanel:
             _check_header_value(client_ip, "client_ip")
         if user_agent is not None:
             _check_header_value(user_agent, "user_agent")
-        return Item(body, event.wire_type, event.order_key(), client_ip, user_agent)
+        return Item(body, event.wire_type, order_key, client_ip, user_agent)
 
     def track(
         self,
@@ -306,7 +312,11 @@ class OpenPanel:
             profile_id=UNSET if profile_id is None else profile_id,
             groups=UNSET if groups is None else groups,  # type: ignore[arg-type]
         )
-        return self.send_nowait(event, client_ip=client_ip, user_agent=user_agent)
+        # The hot path: already stamped, a known type, never ordered; skip send_nowait's checks.
+        item = self._item(event, None, client_ip, user_agent)
+        if self._sender is None:
+            self._start_if_on_a_loop()
+        return self._acc.put(item)
 
     def identify(
         self,

@@ -234,23 +234,28 @@ def decode_event(body: bytes | str) -> Event:
 
 # --- timestamps -------------------------------------------------------------------------
 
-_second_cache: tuple[int, str] = (-1, "")
+_last_stamp: tuple[int, str] = (-1, "")
+_last_second: tuple[int, str] = (-1, "")
 
 
 def now_timestamp() -> str:
     """The current UTC time as the server wants it: ``2026-11-26T08:00:00.000Z``.
 
-    strftime costs about a microsecond; the formatted second is cached so the hot path only
-    formats the milliseconds.
+    strftime costs about a microsecond, more than the rest of track(); at high rates many
+    events share a millisecond, so the last formatted millisecond is reused.
     """
-    global _second_cache
-    now = time.time()
-    second = int(now)
-    cached_second, prefix = _second_cache
-    if second != cached_second:
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _second_cache = (second, prefix)
-    return f"{prefix}.{int((now - second) * 1000):03d}Z"
+    global _last_stamp, _last_second
+    millis = time.time_ns() // 1_000_000
+    cached_millis, stamp = _last_stamp
+    if millis != cached_millis:
+        second, ms = divmod(millis, 1000)
+        cached_second, prefix = _last_second
+        if second != cached_second:
+            prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            _last_second = (second, prefix)
+        stamp = f"{prefix}.{ms:03d}Z"
+        _last_stamp = (millis, stamp)
+    return stamp
 
 
 def format_timestamp(moment: datetime, field: str = "timestamp") -> str:
