@@ -54,7 +54,8 @@ class Track(_Payload, frozen=True):
     name: str
     properties: dict[str, Any] | UnsetType = UNSET
     profile_id: ProfileId | UnsetType = UNSET
-    groups: list[str] | UnsetType = UNSET
+    # null is the one optional the server takes: it means "no groups".
+    groups: list[str] | UnsetType | None = UNSET
 
     def __post_init__(self) -> None:
         v.check_event_name(self.name, "track.name")
@@ -64,7 +65,7 @@ class Track(_Payload, frozen=True):
                 v.check_reserved_properties(self.name, self.properties, "track.properties")
         if self.profile_id is not UNSET:
             v.check_profile_id(self.profile_id, "track.profile_id")
-        if self.groups is not UNSET:
+        if self.groups is not UNSET and self.groups is not None:
             v.check_string_list(self.groups, "track.groups", allow_empty_list=True)
 
 

@@ -31,7 +31,8 @@ def server_message(body: bytes) -> str | None:
     if body[:1] in (b"{", b"["):
         try:
             data = msgspec.json.decode(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            # msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8.
             data = None
         if isinstance(data, dict):
             for key in ("message", "error"):

@@ -63,10 +63,14 @@ def requested_wait(headers: Mapping[str, str], now_wall: float) -> float | None:
     return None
 
 
-def window_exhausted(headers: Mapping[str, str]) -> bool:
-    """True when a response says no request is left in the current window."""
+def window_budget(headers: Mapping[str, str], now_wall: float) -> tuple[int, float] | None:
+    """(requests left, seconds until the window resets) when a response says both."""
     remaining = headers.get("x-ratelimit-remaining")
-    if remaining is None:
-        return False
-    number = _number(remaining)
-    return number is not None and number <= 0
+    reset = headers.get("x-ratelimit-reset")
+    if remaining is None or reset is None:
+        return None
+    left = _number(remaining)
+    wait = parse_reset(reset, now_wall)
+    if left is None or wait is None:
+        return None
+    return int(left), wait

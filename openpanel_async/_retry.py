@@ -20,8 +20,9 @@ class RetryPolicy:
             a 429 or a rate-limit pause does not use up an attempt.
         wait_initial: the backoff ceiling before the first retry; it doubles per attempt.
         wait_max: no single backoff wait is longer than this.
-        wait_jitter: up to this much random time is added to a wait the server asked for
-            (``Retry-After``, ``x-ratelimit-reset``), so that clients do not return in step.
+        wait_jitter: up to this much random time (and at most a tenth of the wait itself)
+            is added to a wait the server asked for (``Retry-After``, ``x-ratelimit-reset``),
+            so that clients do not return in step without wasting a short window.
         max_elapsed: an event is not retried once this long has passed since its first
             attempt, whatever caused the failures (429s included).
         max_retry_after: the longest pause the client accepts from a server's rate-limit
@@ -60,5 +61,6 @@ class RetryPolicy:
 
     def server_wait(self, requested: float, rand: random.Random | None = None) -> float:
         """Seconds to pause when the server asked for ``requested`` seconds."""
-        jitter = (rand or random).uniform(0.0, self.wait_jitter)
-        return min(self.max_retry_after, max(0.0, requested) + jitter)
+        requested = max(0.0, requested)
+        jitter = (rand or random).uniform(0.0, min(self.wait_jitter, requested / 10.0))
+        return min(self.max_retry_after, requested + jitter)

@@ -79,6 +79,13 @@ class Sender:
         self.rate_limited = 0
         self.in_flight = 0
         self._paused_until = 0.0  # loop.time(); nothing is sent before it
+        # What the server's x-ratelimit-* headers allow until the window resets: requests
+        # are paced to it instead of running into 429s. None: no current information.
+        self._budget: int | None = None
+        self._budget_until = 0.0
+        # Adaptive concurrency (AIMD): halved on a 429 burst, grown back on successes.
+        self._successes = 0
+        self._decrease_blocked_until = 0.0
 
         self._loop = asyncio.get_running_loop()
         self._thread_id = threading.get_ident()
@@ -159,15 +166,24 @@ class Sender:
         assert task is not None
         try:
             while not self._stopping and len(self._workers) <= self._limit:
-                pause = self._paused_until - self._loop.time()
+                now = self._loop.time()
+                pause = self._paused_until - now
                 if pause > 0:
                     await asyncio.sleep(pause)
                     continue
+                if self._budget is not None:
+                    if now >= self._budget_until:
+                        self._budget = None
+                    elif self._budget <= 0:
+                        self._pause(self._retry.server_wait(self._budget_until - now))
+                        continue
                 item = self._take()
                 if item is None:
                     if await self._wait_for_work():
                         continue
                     return
+                if self._budget is not None:
+                    self._budget -= 1
                 self._current[task] = item
                 await self._attempt(item)
                 # Not in a finally: after a cancellation close() needs to find the item.
@@ -244,12 +260,12 @@ class Sender:
         finally:
             self.in_flight -= 1
 
+        if "x-ratelimit-remaining" in response_headers:
+            self._read_budget(response_headers)
         if 200 <= status < 300 and status != 202:
             self._settle(item, delivered=True)
-            if _ratelimit.window_exhausted(response_headers):
-                wait = _ratelimit.requested_wait(response_headers, time.time())
-                if wait is not None:
-                    self._pause(self._retry.server_wait(wait))
+            if self._limit < self._max_concurrency:
+                self._grow_concurrency()
             return
         message = server_message(body)
         verdict = classify(status, message, item.event_type)
@@ -295,6 +311,30 @@ class Sender:
         if until > self._paused_until:
             self._paused_until = until
 
+    def _read_budget(self, headers: Mapping[str, str]) -> None:
+        budget = _ratelimit.window_budget(headers, time.time())
+        if budget is None:
+            return
+        remaining, reset = budget
+        # Requests still in flight were sent after the server counted this one.
+        self._budget = remaining - self.in_flight
+        self._budget_until = self._loop.time() + reset
+
+    def _grow_concurrency(self) -> None:
+        self._successes += 1
+        if self._successes >= self._limit:
+            self._successes = 0
+            self._limit = min(self._max_concurrency, self._limit + max(1, self._limit // 2))
+            self.notify()  # waiting events may use the new room at once
+
+    def _shrink_concurrency(self) -> None:
+        # One 429 burst (all the answers to requests sent before the pause) halves once.
+        now = self._loop.time()
+        if now >= self._decrease_blocked_until:
+            self._limit = max(1, self._limit // 2)
+            self._successes = 0
+            self._decrease_blocked_until = self._paused_until
+
     def _schedule_retry(self, item: Item, due: float) -> None:
         self.retries += 1
         heapq.heappush(self._retries, (due, next(self._retry_seq), item))
@@ -310,6 +350,7 @@ class Sender:
         else:
             wait = self._retry.server_wait(requested)
         self._pause(wait)
+        self._shrink_concurrency()
         now = self._loop.time()
         due = max(self._paused_until, now + wait)
         assert item.first_attempt is not None
