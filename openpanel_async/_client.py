@@ -6,13 +6,14 @@ import asyncio
 import inspect
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from datetime import datetime
 from types import MappingProxyType, TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-from . import _validation
+from . import _lifecycle, _validation
 from ._accumulator import DROP_CLOSED, Accumulator, Item
 from ._events import (
     UNSET,
@@ -29,6 +30,7 @@ from ._events import (
     now_timestamp,
     stamp_track,
 )
+from ._log import logger
 from ._retry import RetryPolicy
 from ._sender import ErrorCallback, Sender
 from ._stats import Stats
@@ -126,7 +128,24 @@ class OpenPanel:
             self._headers["openpanel-client-secret"] = client_secret
         self._acc = Accumulator(max_queue_size)
         self._sender: Sender | None = None
+        # A sender whose event loop ended without aclose(); its events are re-queued when
+        # the client next runs on a loop (or at interpreter exit).
+        self._orphan: Sender | None = None
         self._closed = False
+        _lifecycle.register(self)
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        acc = getattr(self, "_acc", None)  # absent when __init__ raised
+        if acc is None or getattr(self, "_closed", True):
+            return
+        pending = acc.pending
+        if pending:
+            _warn(
+                f"unclosed OpenPanel client with {pending} pending events; use 'async with' "
+                "or 'await client.aclose()' so that they are delivered",
+                ResourceWarning,
+                source=self,
+            )
 
     def __repr__(self) -> str:
         # The secret is deliberately left out.
@@ -156,12 +175,16 @@ class OpenPanel:
     def _start_on_running_loop(self) -> Sender:
         sender = self._sender
         if sender is not None:
-            if sender.loop is not asyncio.get_running_loop():
+            if sender.loop is asyncio.get_running_loop():
+                return sender
+            if not sender.loop.is_closed():
                 raise RuntimeError(
                     "this OpenPanel client runs on another event loop; create one client "
                     "per event loop"
                 )
-            return sender
+            self._adopt(sender)  # its loop is gone without aclose(): take its events over
+        if self._orphan is not None:
+            self._adopt(self._orphan)
         if self._closed:
             raise ClientClosedError("the client is closed")
         sender = Sender(
@@ -173,9 +196,23 @@ class OpenPanel:
             retry=self._retry,
             on_error=self._on_error,
             idle_timeout=self._idle_timeout,
+            on_orphaned=self._orphaned,
         )
         self._sender = sender
         return sender
+
+    def _orphaned(self, sender: Sender) -> None:
+        """The sender's loop is shutting down: the next loop to use us takes its events."""
+        if self._sender is sender:
+            self._sender = None
+            self._orphan = sender
+
+    def _adopt(self, old: Sender) -> None:
+        self._acc.ready.extendleft(reversed(old.detach_unsettled()))
+        if self._sender is old:
+            self._sender = None
+        if self._orphan is old:
+            self._orphan = None
 
     def _start_if_on_a_loop(self) -> None:
         """Lazy start: the first event tracked inside a running loop starts the client."""
@@ -206,6 +243,42 @@ class OpenPanel:
         self._closed = True
         assert self._sender is not None
         await self._sender.close(self._shutdown_timeout)
+
+    # --- process events (see _lifecycle) ---------------------------------------------------
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: forget the parent's loop, connections and queue.
+
+        The parent's sender is kept referenced, never used or closed: closing it would
+        touch connections and a loop that belong to the parent. The child starts its own
+        sender on first use, with an empty queue and fresh counters.
+        """
+        _abandoned_in_child.extend(s for s in (self._sender, self._orphan) if s is not None)
+        self._sender = self._orphan = None
+        self._acc = Accumulator(self._acc.max_size)
+
+    def _last_chance(self) -> None:
+        """At interpreter exit: one bounded attempt to deliver what a forgotten client holds."""
+        if self._closed or self._acc.pending == 0:
+            return
+        old = self._sender
+        if old is not None:
+            if old.loop.is_running():
+                return  # its loop lives on in another thread, which owns the shutdown
+            self._adopt(old)
+        if self._orphan is not None:
+            self._adopt(self._orphan)
+        pending = self._acc.pending
+        logger.warning(
+            "openpanel_async: client not closed at exit; delivering %d pending events "
+            "(at most %gs)",
+            pending,
+            self._shutdown_timeout,
+        )
+        try:
+            asyncio.run(self.aclose())
+        except Exception:
+            logger.exception("openpanel_async: delivery at exit failed")
 
     # --- sending --------------------------------------------------------------------------
 
@@ -445,7 +518,13 @@ class OpenPanel:
     def _state(self) -> str:
         if self._sender is not None:
             return self._sender.state
-        return "closed" if self._closed else "new"
+        if self._closed:
+            return "closed"
+        return "stopped" if self._orphan is not None else "new"
+
+
+# Senders a forked child inherited from its parent; see OpenPanel._reset_after_fork.
+_abandoned_in_child: list[Sender] = []
 
 
 def _check_api_url(api_url: object) -> str:

@@ -63,8 +63,10 @@ class Sender:
         retry: RetryPolicy,
         on_error: ErrorCallback | None,
         idle_timeout: float,
+        on_orphaned: Callable[[Sender], None] | None = None,
     ) -> None:
         self._acc = accumulator
+        self._on_orphaned = on_orphaned
         self._url = url
         self._headers = dict(headers)
         self._max_concurrency = max_concurrency
@@ -111,6 +113,41 @@ class Sender:
         accumulator.notify = self.notify
         if accumulator.ready:
             self.notify()
+        # Closes the session if the loop shuts down under us (asyncio.run() ending without
+        # aclose()): asyncio cancels every task then, this one included.
+        self._guardian = self._loop.create_task(self._guard())
+
+    async def _guard(self) -> None:
+        try:
+            await self._loop.create_future()
+        except asyncio.CancelledError:
+            if self._close_task is None:
+                self._orphan()
+            await self._close_session()
+            raise
+
+    def _orphan(self) -> None:
+        """Our loop is ending: stop, keep the unsettled events for a successor sender."""
+        self.state = "stopped"
+        self._stopping = True
+        for task in self._workers:
+            task.cancel()
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        if self._acc.notify == self.notify:
+            self._acc.notify = None
+        if self._on_orphaned is not None:
+            self._on_orphaned(self)
+
+    async def _close_session(self) -> None:
+        if self._session.closed:
+            return
+        try:
+            async with asyncio.timeout(1.0):
+                await self._session.close()
+        except TimeoutError:
+            logger.warning("openpanel_async: closing the HTTP session timed out")
 
     # --- waking workers ---------------------------------------------------------------
 
@@ -578,6 +615,29 @@ class Sender:
     def wake(self) -> None:
         self.notify()
 
+    def detach_unsettled(self) -> list[Item]:
+        """Everything accepted and unsettled outside the accumulator, oldest first.
+
+        For handing over to a new sender when this one's loop is gone (interpreter exit).
+        Items that were in flight are included: at-least-once beats losing them.
+        """
+        items = [item for item in self._current.values() if not item.settled]
+        items.extend(self._owned)
+        items.extend(entry[2] for entry in sorted(self._retries))
+        for parked in self._busy.values():
+            items.extend(parked)
+        items.sort(key=lambda item: item.epoch)
+        self._current.clear()
+        self._owned.clear()
+        self._retries.clear()
+        self._busy.clear()
+        self._stopping = True
+        return items
+
+    @property
+    def orphaned(self) -> bool:
+        return self.state == "stopped"
+
     async def close(self, timeout: float) -> None:
         """Stop accepting, drain for at most ``timeout`` seconds, then stop everything.
 
@@ -621,11 +681,8 @@ class Sender:
             for waiter in self._idle:
                 waiter.cancel()
             self._idle.clear()
-            try:
-                async with asyncio.timeout(1.0):
-                    await self._session.close()
-            except TimeoutError:
-                logger.warning("openpanel_async: closing the HTTP session timed out")
+            self._guardian.cancel()
+            await self._close_session()
             if self.state == "closing":
                 self.state = "closed"
             self._report_close(lost)

@@ -1,0 +1,159 @@
+"""Process events: fork, interpreter exit, and a client garbage-collected unclosed."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+import sys
+import textwrap
+
+import pytest
+
+from openpanel_async import OpenPanel
+from openpanel_async.testing import LocalOpenPanel, Reply
+
+from .conftest import CLIENT_ID, CLIENT_SECRET, FAST_RETRY, make_client
+
+pytestmark = pytest.mark.anyio
+
+
+def _fork_and_use(op: OpenPanel) -> int:
+    """Runs in a worker thread (no running loop there); returns the child's exit status."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child; its result travels in the exit status
+        code = 1
+        try:
+
+            async def child() -> bool:
+                before = op.stats()
+                # The parent's queue, counters and connections are not the child's.
+                assert (before.accepted, before.pending, before.state) == (0, 0, "new")
+                op.track("from_child", {"pid": os.getpid()})
+                ok = await op.flush(timeout=5)
+                await op.aclose()
+                return ok and op.stats().delivered == 1
+
+            code = 0 if asyncio.run(child()) else 3
+        except BaseException:
+            code = 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+async def test_client_created_before_fork_works_in_the_child(server: LocalOpenPanel) -> None:
+    async with make_client(server) as op:
+        op.track("parent_before")
+        assert await op.flush(timeout=5)
+        op.track("parent_pending")  # still queued in the parent when it forks
+        loop = asyncio.get_running_loop()
+        exit_code = await loop.run_in_executor(None, _fork_and_use, op)
+        assert exit_code == 0
+        op.track("parent_after")
+        assert await op.flush(timeout=5)
+        stats = op.stats()
+    names = sorted(r.payload["name"] for r in server.requests if r.payload)
+    assert names == ["from_child", "parent_after", "parent_before", "parent_pending"]
+    child = next(r for r in server.requests if r.payload and r.payload["name"] == "from_child")
+    assert child.properties["pid"] != os.getpid()
+    assert (stats.accepted, stats.delivered) == (3, 3)
+
+
+SCRIPT_HEAD = """
+import asyncio, logging, sys
+from openpanel_async import OpenPanel
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+op = OpenPanel(client_id={cid!r}, client_secret={secret!r}, api_url={url!r},
+               shutdown_timeout=2.0)
+"""
+
+SCRIPTS = {
+    "no_loop": """
+for i in range(5):
+    op.track("script", {"i": i})
+""",
+    "loop_ended": """
+async def main():
+    for i in range(5):
+        op.track("script", {"i": i})
+asyncio.run(main())
+""",
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCRIPTS))
+async def test_forgotten_close_delivers_at_exit(server: LocalOpenPanel, scenario: str) -> None:
+    code = SCRIPT_HEAD.format(cid=CLIENT_ID, secret=CLIENT_SECRET, url=server.url)
+    code += textwrap.dedent(SCRIPTS[scenario])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        _, stderr = await proc.communicate()
+    text = stderr.decode()
+    assert proc.returncode == 0, text
+    assert sorted(r.properties["i"] for r in server.requests) == [0, 1, 2, 3, 4]
+    assert "client not closed at exit; delivering 5 pending events" in text
+    assert "5 delivered, 0 failed" in text
+    assert CLIENT_SECRET not in text
+
+
+def test_garbage_collected_unclosed_client_warns() -> None:
+    op = OpenPanel(client_id=CLIENT_ID, api_url="http://127.0.0.1:9")
+    for _ in range(3):
+        op.track("orphan")  # no loop in this thread: the events wait in the queue
+    with pytest.warns(ResourceWarning, match="unclosed OpenPanel client with 3 pending events"):
+        del op
+        gc.collect()
+
+
+def test_closed_or_empty_client_does_not_warn() -> None:
+    op = OpenPanel(client_id=CLIENT_ID)
+    del op
+    gc.collect()  # filterwarnings=error: any warning here fails the test
+
+
+def test_client_outlives_its_event_loop() -> None:
+    """asyncio.run() ending without aclose(): the next loop that uses the client sends it all."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    op = OpenPanel(
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        api_url=f"http://127.0.0.1:{port}",
+        retry=FAST_RETRY,
+        shutdown_timeout=2.0,
+    )
+
+    async def first_loop() -> None:
+        async with LocalOpenPanel(port=port) as srv:
+            srv.script(*[Reply(hang=True)] * 3)
+            for i in range(3):
+                op.track("first", {"i": i})
+            await srv.wait_for_requests(0)
+            await asyncio.sleep(0.05)  # all three hang in flight on the server
+        # The loop ends with the events unsettled and without aclose().
+
+    asyncio.run(first_loop())
+    assert op.stats().state == "stopped"
+    assert op.stats().pending == 3
+
+    async def second_loop() -> list[str]:
+        async with LocalOpenPanel(port=port, client_secret=CLIENT_SECRET) as srv:
+            op.track("second")
+            assert await op.flush(timeout=5)
+            await op.aclose()
+            return sorted(f"{r.payload['name']}{r.properties.get('i', '')}" for r in srv.events)
+
+    assert asyncio.run(second_loop()) == ["first0", "first1", "first2", "second"]
+    stats = op.stats()
+    assert (stats.accepted, stats.delivered, stats.pending) == (4, 4, 0)
