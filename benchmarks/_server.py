@@ -47,6 +47,8 @@ class ServerOptions:
 
     Attributes:
         response_delay: wait this long before every answer (a WAN round trip).
+        delay_jitter: vary each delay uniformly by up to this fraction of it (0.5: from
+            half to one and a half times ``response_delay``), as a real network does.
         rate_limit: requests allowed per ``rate_window``; 0 disables the limiter.
         rate_window: the window (fixed) or refill period (bucket) of the limiter.
         rate_mode: ``"fixed"`` (a fixed window, like fastify's rate-limit plugin) or
@@ -61,6 +63,7 @@ class ServerOptions:
     """
 
     response_delay: float = 0.0
+    delay_jitter: float = 0.0
     rate_limit: int = 0
     rate_window: float = 1.0
     rate_mode: str = "fixed"
@@ -81,7 +84,7 @@ class _Counters:
     failed: int = 0
     dropped: int = 0
     by_status: dict[str, int] = field(default_factory=dict)
-    in_flight: int = 0
+    in_flight: int = 0  # of the requests that arrived since the last reset
     peak_in_flight: int = 0
     first_request: float | None = None
     last_ok: float | None = None
@@ -154,7 +157,9 @@ class _App:
         self.limiter = _Limiter(self.options) if self.options.rate_limit > 0 else None
 
     def reset(self) -> None:
-        self.counters = _Counters(in_flight=self.counters.in_flight)
+        # Requests still being answered belong to the old counters: a fresh object is
+        # counted only by the requests that arrive from now on.
+        self.counters = _Counters()
         if self.limiter is not None:
             self.limiter = _Limiter(self.options)
 
@@ -207,8 +212,11 @@ class _App:
             body = await request.read()
             c.body_bytes += len(body)
             options = self.options
-            if options.response_delay > 0:
-                await asyncio.sleep(options.response_delay)
+            delay = options.response_delay
+            if delay > 0:
+                if options.delay_jitter:
+                    delay *= 1.0 + options.delay_jitter * (2.0 * self.random.random() - 1.0)
+                await asyncio.sleep(delay)
             if options.drop_rate and self.random.random() < options.drop_rate:
                 c.dropped += 1
                 transport = request.transport

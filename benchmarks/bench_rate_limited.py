@@ -12,8 +12,8 @@ Limiter variants (all with R = ``--rate``):
 * token bucket (R tokens, refilled continuously);
 * fixed window with reset times rounded up to whole seconds, as the real server (fastify's
   rate-limit plugin) sends them;
-* fixed window with a 20 ms round trip (the server answers after 20 ms), so that requests
-  are still in flight when the window runs out.
+* fixed window with a 20 ms round trip (the server answers after 10 to 30 ms), so that
+  requests are still in flight when the window runs out.
 
 The token bucket starts full, so an ideal client gets R + R/duration per second on average
 (the initial burst): that is its baseline.
@@ -45,13 +45,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fixed": {"rate_mode": "fixed", "integer_headers": False},
     "bucket": {"rate_mode": "bucket", "integer_headers": False},
     "fixed_whole_seconds": {"rate_mode": "fixed", "integer_headers": True},
-    "fixed_rtt": {"rate_mode": "fixed", "integer_headers": False, "response_delay": 0.02},
+    "fixed_rtt": {
+        "rate_mode": "fixed",
+        "integer_headers": False,
+        "response_delay": 0.02,
+        "delay_jitter": 0.5,
+    },
 }
 LABELS = {
     "fixed": "fixed window",
     "bucket": "token bucket",
     "fixed_whole_seconds": "fixed window, whole-second headers",
-    "fixed_rtt": "fixed window, 20 ms round trip",
+    "fixed_rtt": "fixed window, 10-30 ms round trip",
 }
 
 
@@ -98,7 +103,9 @@ async def _measure(server: BenchServer, rate: int, duration: float) -> dict[str,
     results = {}
     for variant, options in VARIANTS.items():
         await server.aconfigure(
-            rate_limit=rate, rate_window=1.0, **{"response_delay": 0.0, **options}
+            rate_limit=rate,
+            rate_window=1.0,
+            **{"response_delay": 0.0, "delay_jitter": 0.0, **options},
         )
         await server.areset()
         results[variant] = await _variant(server, rate, duration)

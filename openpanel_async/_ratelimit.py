@@ -74,3 +74,10 @@ def window_budget(headers: Mapping[str, str], now_wall: float) -> tuple[int, flo
     if left is None or wait is None:
         return None
     return int(left), wait
+
+
+def window_limit(headers: Mapping[str, str]) -> int | None:
+    """Requests allowed per window (``x-ratelimit-limit``), when the response says."""
+    value = headers.get("x-ratelimit-limit")
+    number = None if value is None else _number(value)
+    return None if number is None or number < 1 else int(number)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import threading
 import time
 from collections import deque
@@ -47,6 +48,9 @@ _MAX_RESPONSE_BYTES = 64 * 1024
 # the server, so a few spaced attempts are worth it, but not the whole retry budget.
 _PROFILE_PENDING_ATTEMPTS = 4
 _DROP_REPORT_INTERVAL = 10.0
+# How often a worker looks again when a fresh rate-limit window's budget is spent and no
+# response has reported the remaining budget yet.
+_BUDGET_POLL = 0.005
 
 ErrorCallback = Callable[[DeliveryError], Any]
 
@@ -85,6 +89,7 @@ class Sender:
         # are paced to it instead of running into 429s. None: no current information.
         self._budget: int | None = None
         self._budget_until = 0.0
+        self._window_limit: int | None = None  # x-ratelimit-limit: a fresh window's budget
         # Adaptive concurrency (AIMD): halved on a 429 burst, grown back on successes.
         self._successes = 0
         self._decrease_blocked_until = 0.0
@@ -210,9 +215,16 @@ class Sender:
                     continue
                 if self._budget is not None:
                     if now >= self._budget_until:
-                        self._budget = None
+                        # A new window: its budget is the limit, until an answer says more.
+                        self._budget = self._window_limit
+                        self._budget_until = math.inf
                     elif self._budget <= 0:
-                        self._pause(self._retry.server_wait(self._budget_until - now))
+                        if self._budget_until == math.inf:
+                            # A fresh window's budget is spent and no answer has told us
+                            # more yet: wait a moment for one rather than guess.
+                            await asyncio.sleep(_BUDGET_POLL)
+                        else:
+                            self._pause(self._retry.server_wait(self._budget_until - now))
                         continue
                 item = self._take()
                 if item is None:
@@ -299,6 +311,8 @@ class Sender:
 
         if "x-ratelimit-remaining" in response_headers:
             self._read_budget(response_headers)
+        elif self._budget is not None:
+            self._budget = None  # the server stopped limiting us
         if 200 <= status < 300 and status != 202:
             self._settle(item, delivered=True)
             if self._limit < self._max_concurrency:
@@ -356,6 +370,9 @@ class Sender:
         # Requests still in flight were sent after the server counted this one.
         self._budget = remaining - self.in_flight
         self._budget_until = self._loop.time() + reset
+        limit = _ratelimit.window_limit(headers)
+        if limit is not None:
+            self._window_limit = limit
 
     def _grow_concurrency(self) -> None:
         self._successes += 1
