@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import aiohttp
 import msgspec
@@ -39,6 +39,7 @@ TYPICAL_PROFILE_ID = "user_12345"
 _EXAMPLE_TIMESTAMP = "2026-11-26T08:00:00.000Z"
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def large_properties() -> dict[str, Any]:
@@ -221,15 +222,17 @@ def loop_names() -> list[str]:
     return ["asyncio", "uvloop"]
 
 
-def run_on(loop_name: str, factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine on a fresh asyncio or uvloop event loop."""
+def run_on(
+    loop_name: str, function: Callable[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """Run ``function(*args, **kwargs)`` on a fresh asyncio or uvloop event loop."""
     if loop_name == "uvloop":
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(factory())
+            return runner.run(function(*args, **kwargs))
     with asyncio.Runner() as runner:
-        return runner.run(factory())
+        return runner.run(function(*args, **kwargs))
 
 
 # --- figures and reports ----------------------------------------------------------------------
@@ -348,8 +351,9 @@ def format_table(rows: Sequence[dict[str, Any]], *, with_script: bool) -> str:
         if with_script:
             cells.insert(0, row.get("script", ""))
         lines.append(cells)
-    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h)
-              for i, h in enumerate(header)]
+    widths = [
+        max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(header)
+    ]
     numeric = {"value", "ratio"}
     out = []
     for cells in [header, ["-" * w for w in widths], *lines]:
@@ -364,7 +368,7 @@ def format_table(rows: Sequence[dict[str, Any]], *, with_script: bool) -> str:
 def parse_args(
     description: str,
     argv: Sequence[str] | None,
-    setup: Callable[[argparse.ArgumentParser], None] | None = None,
+    setup: Callable[[argparse.ArgumentParser], object] | None = None,
 ) -> argparse.Namespace:
     """The common options (``--quick``, ``--json PATH``) plus the script's own."""
     parser = argparse.ArgumentParser(description=description)

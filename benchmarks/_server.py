@@ -341,7 +341,8 @@ class BenchServer:
         self.start_timeout = start_timeout
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
-        self._stderr = tempfile.TemporaryFile()
+        # Closed in close(); a context manager cannot span start() and close().
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
 
     @property
     def url(self) -> str:
@@ -366,7 +367,8 @@ class BenchServer:
 
     def _read_port(self) -> int:
         process = self._process
-        assert process is not None and process.stdout is not None
+        assert process is not None
+        assert process.stdout is not None
         deadline = time.monotonic() + self.start_timeout
         buffer = b""
         while time.monotonic() < deadline:

@@ -57,9 +57,7 @@ def _time_track(op: OpenPanel, samples: list[int], start: int, count: int) -> in
     return accepted
 
 
-def _time_raw(
-    queue: deque[bytes], encode: Any, samples: list[int], start: int, count: int
-) -> None:
+def _time_raw(queue: deque[bytes], encode: Any, samples: list[int], start: int, count: int) -> None:
     """Time ``count`` raw encode+append operations of the same event."""
     pc = time.perf_counter_ns
     name, pid = TYPICAL_NAME, TYPICAL_PROFILE_ID
@@ -67,8 +65,11 @@ def _time_raw(
     append = queue.append
     for i in range(start, start + count):
         t0 = pc()
-        append(encode({"type": "track", "payload": {"name": name, "properties": props,
-                                                     "profileId": pid}}))
+        append(
+            encode(
+                {"type": "track", "payload": {"name": name, "properties": props, "profileId": pid}}
+            )
+        )
         t1 = pc()
         samples[i] = t1 - t0
     queue.clear()
@@ -160,21 +161,61 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     co, co_raw = data["coroutine"], data["coroutine_raw"]
     th, th_raw = data["thread"], data["thread_raw"]
     raw = "raw encode+append"
-    report.add(Figure("coroutine_p50_us", "track() p50, coroutine", co["p50_us"], "µs",
-                      co_raw["p50_us"], raw, "<= 2 µs", co["p50_us"] <= 2.0))
-    report.add(Figure("coroutine_p99_us", "track() p99, coroutine", co["p99_us"], "µs",
-                      co_raw["p99_us"], raw, "<= 10 µs", co["p99_us"] <= 10.0))
-    report.add(Figure("coroutine_max_us", "track() max, coroutine", co["max_us"], "µs",
-                      co_raw["max_us"], raw))
+    report.add(
+        Figure(
+            "coroutine_p50_us",
+            "track() p50, coroutine",
+            co["p50_us"],
+            "µs",
+            co_raw["p50_us"],
+            raw,
+            "<= 2 µs",
+            co["p50_us"] <= 2.0,
+        )
+    )
+    report.add(
+        Figure(
+            "coroutine_p99_us",
+            "track() p99, coroutine",
+            co["p99_us"],
+            "µs",
+            co_raw["p99_us"],
+            raw,
+            "<= 10 µs",
+            co["p99_us"] <= 10.0,
+        )
+    )
+    report.add(
+        Figure(
+            "coroutine_max_us", "track() max, coroutine", co["max_us"], "µs", co_raw["max_us"], raw
+        )
+    )
     p50_ratio = co["p50_us"] / co_raw["p50_us"]
-    report.add(Figure("coroutine_p50_vs_raw", "track() p50 / raw p50, coroutine", p50_ratio,
-                      "x", goal="<= 3x", passed=p50_ratio <= 3.0))
-    report.add(Figure("thread_p50_us", "track() p50, plain thread", th["p50_us"], "µs",
-                      th_raw["p50_us"], raw))
-    report.add(Figure("thread_p99_us", "track() p99, plain thread", th["p99_us"], "µs",
-                      th_raw["p99_us"], raw))
-    report.add(Figure("thread_max_us", "track() max, plain thread", th["max_us"], "µs",
-                      th_raw["max_us"], raw))
+    report.add(
+        Figure(
+            "coroutine_p50_vs_raw",
+            "track() p50 / raw p50, coroutine",
+            p50_ratio,
+            "x",
+            goal="<= 3x",
+            passed=p50_ratio <= 3.0,
+        )
+    )
+    report.add(
+        Figure(
+            "thread_p50_us", "track() p50, plain thread", th["p50_us"], "µs", th_raw["p50_us"], raw
+        )
+    )
+    report.add(
+        Figure(
+            "thread_p99_us", "track() p99, plain thread", th["p99_us"], "µs", th_raw["p99_us"], raw
+        )
+    )
+    report.add(
+        Figure(
+            "thread_max_us", "track() max, plain thread", th["max_us"], "µs", th_raw["max_us"], raw
+        )
+    )
     report.note(
         f"{calls:,} timed calls from a coroutine and {thread_calls:,} from a thread, batches of "
         f"{args.batch}; timer overhead {data['overhead_ns']} ns subtracted; "

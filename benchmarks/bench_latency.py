@@ -138,22 +138,62 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             capacity = case["max_concurrency"] / rtt
             is_goal = tag == "50ms" and rate == 2_000
             share = case["delivered_per_s"] / case["offered_per_s"]
-            report.add(Figure(f"delivered_{tag}_{rate}", f"delivered rate, {label}",
-                              case["delivered_per_s"], "ev/s", case["offered_per_s"], "offered",
-                              ">= 0.95x" if is_goal else None, share >= 0.95 if is_goal else None))
-            report.add(Figure(f"vs_capacity_{tag}_{rate}", f"delivered vs capacity, {label}",
-                              case["delivered_per_s"], "ev/s", min(capacity, rate),
-                              "min(offered, conc/RTT)"))
-            report.add(Figure(f"in_flight_{tag}_{rate}", f"peak in flight, {label}",
-                              case["peak_in_flight_server"], "req", case["max_concurrency"],
-                              "max_concurrency"))
-            report.add(Figure(f"high_water_{tag}_{rate}", f"queue high-water, {label}",
-                              case["queue_high_water"], "events", 10_000, "max_queue_size"))
-            report.add(Figure(f"dropped_{tag}_{rate}", f"dropped, {label}", case["dropped"],
-                              "events", goal="0" if is_goal else None,
-                              passed=case["dropped"] == 0 if is_goal else None))
-        report.note(f"{tag}: measured round trip {rtt * 1000:.1f} ms; capacity bound "
-                    f"{series['cases'][RATES[0]]['max_concurrency'] / rtt:,.0f} ev/s")
+            report.add(
+                Figure(
+                    f"delivered_{tag}_{rate}",
+                    f"delivered rate, {label}",
+                    case["delivered_per_s"],
+                    "ev/s",
+                    case["offered_per_s"],
+                    "offered",
+                    ">= 0.95x" if is_goal else None,
+                    share >= 0.95 if is_goal else None,
+                )
+            )
+            report.add(
+                Figure(
+                    f"vs_capacity_{tag}_{rate}",
+                    f"delivered vs capacity, {label}",
+                    case["delivered_per_s"],
+                    "ev/s",
+                    min(capacity, rate),
+                    "min(offered, conc/RTT)",
+                )
+            )
+            report.add(
+                Figure(
+                    f"in_flight_{tag}_{rate}",
+                    f"peak in flight, {label}",
+                    case["peak_in_flight_server"],
+                    "req",
+                    case["max_concurrency"],
+                    "max_concurrency",
+                )
+            )
+            report.add(
+                Figure(
+                    f"high_water_{tag}_{rate}",
+                    f"queue high-water, {label}",
+                    case["queue_high_water"],
+                    "events",
+                    10_000,
+                    "max_queue_size",
+                )
+            )
+            report.add(
+                Figure(
+                    f"dropped_{tag}_{rate}",
+                    f"dropped, {label}",
+                    case["dropped"],
+                    "events",
+                    goal="0" if is_goal else None,
+                    passed=case["dropped"] == 0 if is_goal else None,
+                )
+            )
+        report.note(
+            f"{tag}: measured round trip {rtt * 1000:.1f} ms; capacity bound "
+            f"{series['cases'][RATES[0]]['max_concurrency'] / rtt:,.0f} ev/s"
+        )
     report.note(f"{duration:g} s per case; in flight as counted by the server.")
     return finish(report, args.json)
 

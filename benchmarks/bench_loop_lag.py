@@ -182,19 +182,50 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         tag = f"{rate // 1000}k/s"
         goal = "<= 5 ms" if rate == 5_000 else None
         passed = lib["p99_ms"] <= 5.0 if rate == 5_000 else None
-        report.add(Figure(f"lag_p99_ms_{rate}", f"lag p99 @ {tag}", lib["p99_ms"], "ms",
-                          mini["p99_ms"], "minimal sender", goal, passed))
-        report.add(Figure(f"lag_max_ms_{rate}", f"lag max @ {tag}", lib["max_ms"], "ms",
-                          mini["max_ms"], "minimal sender"))
-        report.add(Figure(f"cpu_us_per_event_{rate}", f"loop CPU per delivered event @ {tag}",
-                          lib["cpu_us_per_event"], "µs", mini["cpu_us_per_event"],
-                          "minimal sender"))
-        report.add(Figure(f"delivered_in_window_{rate}", f"delivered during the window @ {tag}",
-                          lib["delivered_in_window"] / duration, "ev/s",
-                          mini["delivered_in_window"] / baseline_duration, "minimal sender"))
+        report.add(
+            Figure(
+                f"lag_p99_ms_{rate}",
+                f"lag p99 @ {tag}",
+                lib["p99_ms"],
+                "ms",
+                mini["p99_ms"],
+                "minimal sender",
+                goal,
+                passed,
+            )
+        )
+        report.add(
+            Figure(
+                f"lag_max_ms_{rate}",
+                f"lag max @ {tag}",
+                lib["max_ms"],
+                "ms",
+                mini["max_ms"],
+                "minimal sender",
+            )
+        )
+        report.add(
+            Figure(
+                f"cpu_us_per_event_{rate}",
+                f"loop CPU per delivered event @ {tag}",
+                lib["cpu_us_per_event"],
+                "µs",
+                mini["cpu_us_per_event"],
+                "minimal sender",
+            )
+        )
+        report.add(
+            Figure(
+                f"delivered_in_window_{rate}",
+                f"delivered during the window @ {tag}",
+                lib["delivered_in_window"] / duration,
+                "ev/s",
+                mini["delivered_in_window"] / baseline_duration,
+                "minimal sender",
+            )
+        )
         if lib["dropped"] or lib["failed"]:
-            report.note(f"@ {tag}: {lib['dropped']} dropped (queue full), "
-                        f"{lib['failed']} failed")
+            report.note(f"@ {tag}: {lib['dropped']} dropped (queue full), {lib['failed']} failed")
     report.note(
         f"library: {duration:g} s per rate; minimal sender: {baseline_duration:g} s per rate; "
         f"idle baseline lag p99 {idle['p99_ms']:.2f} ms; lag = wake-up delay of a 1 ms sleep."

@@ -104,8 +104,12 @@ def _run_child(kind: str, count: int, method: str) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def setup(parser: Any) -> None:
-        parser.add_argument("--child", nargs=3, metavar=("KIND", "COUNT", "METHOD"),
-                            help="internal: measure one case and print JSON")
+        parser.add_argument(
+            "--child",
+            nargs=3,
+            metavar=("KIND", "COUNT", "METHOD"),
+            help="internal: measure one case and print JSON",
+        )
 
     args = parse_args(__doc__ or "", argv, setup)
     if args.child:
@@ -128,12 +132,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if kind == "typical" and method == "tracemalloc":
                     goal = "<= 400 B"
                     passed = case["bytes_per_event"] <= 400
-                report.add(Figure(
-                    f"bytes_per_event_{kind}_{count}_{method}",
-                    f"{kind} event, {count:,} queued, {method}",
-                    case["bytes_per_event"], "B/event",
-                    baseline["bytes_per_event"], "bytes object + deque slot", goal, passed,
-                ))
+                report.add(
+                    Figure(
+                        f"bytes_per_event_{kind}_{count}_{method}",
+                        f"{kind} event, {count:,} queued, {method}",
+                        case["bytes_per_event"],
+                        "B/event",
+                        baseline["bytes_per_event"],
+                        "bytes object + deque slot",
+                        goal,
+                        passed,
+                    )
+                )
                 if case["pending"] != count:
                     report.note(f"{kind}/{count}/{method}: only {case['pending']} queued")
     report.details["cases"] = cases

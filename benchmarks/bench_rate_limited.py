@@ -134,12 +134,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ideal, ideal_label = rate * (1 + 1 / result["elapsed"]), "ideal: R + burst"
         else:
             ideal, ideal_label = rate, "R"
-        report.add(Figure(f"achieved_{variant}", f"achieved rate, {labels[variant]}",
-                          result["achieved_per_s"], "req/s", ideal, ideal_label,
-                          ">= 0.90x" if is_goal else None, share >= 0.90 if is_goal else None))
-        report.add(Figure(f"share_429_{variant}", f"share of requests 429, {labels[variant]}",
-                          result["share_429"], "", goal="< 5%" if is_goal else None,
-                          passed=result["share_429"] < 0.05 if is_goal else None))
+        report.add(
+            Figure(
+                f"achieved_{variant}",
+                f"achieved rate, {labels[variant]}",
+                result["achieved_per_s"],
+                "req/s",
+                ideal,
+                ideal_label,
+                ">= 0.90x" if is_goal else None,
+                share >= 0.90 if is_goal else None,
+            )
+        )
+        report.add(
+            Figure(
+                f"share_429_{variant}",
+                f"share of requests 429, {labels[variant]}",
+                result["share_429"],
+                "",
+                goal="< 5%" if is_goal else None,
+                passed=result["share_429"] < 0.05 if is_goal else None,
+            )
+        )
         report.note(
             f"{labels[variant]}: 200s per second {result['ok_per_second']}, 429s per second "
             f"{result['limited_per_second']}; client paused {result['share_of_time_paused']:.0%}"

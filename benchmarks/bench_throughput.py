@@ -122,8 +122,12 @@ async def _configuration(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def setup(parser: Any) -> None:
-        parser.add_argument("--events", type=int, default=None,
-                            help="events per configuration and sender (default 12000)")
+        parser.add_argument(
+            "--events",
+            type=int,
+            default=None,
+            help="events per configuration and sender (default 12000)",
+        )
         parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16, 64])
 
     args = parse_args(__doc__ or "", argv, setup)
@@ -131,36 +135,50 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     events = args.events or (2_000 if quick else 12_000)
     report = Report("bench_throughput", "3. Delivered throughput (await send + flush)", quick)
     quiet_library_logs()
-    configurations: list[dict[str, Any]] = []
     with BenchServer(ServerOptions()) as server:
-        for loop_name in loop_names():
-            for concurrency in args.concurrency:
-                configurations.append(
-                    run_on(
-                        loop_name,
-                        lambda ln=loop_name, c=concurrency: _configuration(server, ln, c, events),
-                    )
-                )
+        configurations = [
+            run_on(loop_name, _configuration, server, loop_name, conc, events)
+            for loop_name in loop_names()
+            for conc in args.concurrency
+        ]
     report.details["configurations"] = configurations
     busiest_server = 0.0
     for conf in configurations:
         lib, mini = conf["library"], conf["minimal"]
         tag = f"{conf['loop']}, max_concurrency={conf['concurrency']}"
         ratio = lib["events_per_s"] / mini["events_per_s"]
-        report.add(Figure(f"events_per_s_{conf['loop']}_{conf['concurrency']}",
-                          f"delivered ev/s, {tag}", lib["events_per_s"], "ev/s",
-                          mini["events_per_s"], "minimal sender", ">= 0.90x",
-                          ratio >= 0.90))
-        report.add(Figure(f"lost_{conf['loop']}_{conf['concurrency']}", f"events lost, {tag}",
-                          conf["lost"], "events", goal="0", passed=conf["lost"] == 0))
+        report.add(
+            Figure(
+                f"events_per_s_{conf['loop']}_{conf['concurrency']}",
+                f"delivered ev/s, {tag}",
+                lib["events_per_s"],
+                "ev/s",
+                mini["events_per_s"],
+                "minimal sender",
+                ">= 0.90x",
+                ratio >= 0.90,
+            )
+        )
+        report.add(
+            Figure(
+                f"lost_{conf['loop']}_{conf['concurrency']}",
+                f"events lost, {tag}",
+                conf["lost"],
+                "events",
+                goal="0",
+                passed=conf["lost"] == 0,
+            )
+        )
         busiest_server = max(busiest_server, lib["server_cpu_share"], mini["server_cpu_share"])
         report.note(
             f"{tag}: client CPU {lib['client_cpu_share']:.0%} (library) vs "
             f"{mini['client_cpu_share']:.0%} (minimal) of a core; server CPU "
             f"{lib['server_cpu_share']:.0%} / {mini['server_cpu_share']:.0%}"
         )
-    report.note(f"{events:,} events per configuration and sender, in ABBA chunks; "
-                f"the busiest server used {busiest_server:.0%} of a core.")
+    report.note(
+        f"{events:,} events per configuration and sender, in ABBA chunks; "
+        f"the busiest server used {busiest_server:.0%} of a core."
+    )
     return finish(report, args.json)
 
 

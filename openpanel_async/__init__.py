@@ -9,9 +9,12 @@ Everything public is importable from this package; the ``_``-prefixed modules ar
 """
 
 from ._client import OpenPanel
+from ._context import EventContext, event_context, set_identity
 from ._events import AssignGroup, Decrement, Event, Group, Identify, Increment, Track
 from ._retry import RetryPolicy
 from ._stats import Stats
+from ._sync import SyncOpenPanel
+from ._transport import Transport, TransportResponse
 from ._version import __version__
 from .errors import (
     AuthenticationError,
@@ -36,6 +39,7 @@ __all__ = [
     "DeliveryError",
     "DroppedByServerError",
     "Event",
+    "EventContext",
     "Group",
     "Identify",
     "Increment",
@@ -48,6 +52,11 @@ __all__ = [
     "SendTimeoutError",
     "ShutdownError",
     "Stats",
+    "SyncOpenPanel",
     "Track",
+    "Transport",
+    "TransportResponse",
     "__version__",
+    "event_context",
+    "set_identity",
 ]

@@ -20,6 +20,9 @@ DROP_QUEUE_FULL = "queue_full"
 DROP_CLOSED = "closed"
 DROP_UNAUTHORIZED = "unauthorized"
 DROP_BROKEN = "broken"
+DROP_DISABLED = "disabled"
+DROP_FILTERED = "filtered"
+DROP_HOOK_ERROR = "before_send_error"
 
 
 class Item:

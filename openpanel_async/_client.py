@@ -7,14 +7,24 @@ import inspect
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from types import MappingProxyType, TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
 
+import msgspec
+
 from . import _lifecycle, _validation
-from ._accumulator import DROP_CLOSED, Accumulator, Item
+from ._accumulator import (
+    DROP_CLOSED,
+    DROP_DISABLED,
+    DROP_FILTERED,
+    DROP_HOOK_ERROR,
+    Accumulator,
+    Item,
+)
+from ._context import _current as _current_context
 from ._events import (
     UNSET,
     AssignGroup,
@@ -34,6 +44,7 @@ from ._log import logger
 from ._retry import RetryPolicy
 from ._sender import ErrorCallback, Sender
 from ._stats import Stats
+from ._transport import Transport
 from ._version import __version__
 from .errors import ClientClosedError, ConfigError, InvalidEventError, SendTimeoutError
 
@@ -81,6 +92,10 @@ class OpenPanel:
         on_error: ErrorCallback | None = None,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        global_properties: Mapping[str, Any] | None = None,
+        before_send: Callable[[Event], Event | None] | None = None,
+        disabled: bool = False,
+        transport: Transport | None = None,
     ) -> None:
         if not isinstance(client_id, str) or not _UUID_RE.fullmatch(client_id.strip()):
             raise ConfigError("client_id: must be a UUID such as 'c0ffee00-1234-4321-abcd-...'")
@@ -110,6 +125,15 @@ class OpenPanel:
                     "on_error: must be a plain function; it runs on the event loop and must "
                     "not block (schedule async work yourself if you need it)"
                 )
+        if before_send is not None and not callable(before_send):
+            raise ConfigError("before_send: must be callable")
+        if transport is not None and not isinstance(transport, Transport):
+            raise ConfigError("transport: must have async post(url, body, headers) and aclose()")
+        self._global_properties = _checked_global_properties(global_properties)
+        self._before_send = before_send
+        self._hook_error_logged = False
+        self._disabled = bool(disabled)
+        self._transport = transport
         self._max_concurrency = max_concurrency
         self._request_timeout = float(request_timeout)
         self._shutdown_timeout = float(shutdown_timeout)
@@ -197,6 +221,7 @@ class OpenPanel:
             on_error=self._on_error,
             idle_timeout=self._idle_timeout,
             on_orphaned=self._orphaned,
+            transport=self._transport,
         )
         self._sender = sender
         return sender
@@ -287,10 +312,13 @@ class OpenPanel:
     ) -> bool:
         """Queue a validated event. Never blocks.
 
-        Returns False (and counts the event as dropped) when the queue is full or the client
-        is closed. Raises InvalidEventError for an event the server would refuse.
+        Returns False (and counts the event as dropped) when the queue is full, the client
+        is closed, or ``before_send`` filtered it. Raises InvalidEventError for an event the
+        server would refuse.
         """
         item = self._prepare(event, client_ip, user_agent)
+        if item is None:
+            return self._disabled
         if self._sender is None:
             self._start_if_on_a_loop()
         return self._acc.put(item)
@@ -309,6 +337,8 @@ class OpenPanel:
         ClientClosedError when the client is closed (or closes while waiting).
         """
         item = self._prepare(event, client_ip, user_agent)
+        if item is None:
+            return
         sender = self._start_on_running_loop()
         acc = self._acc
         loop = sender.loop
@@ -326,21 +356,44 @@ class OpenPanel:
                     f"no room in the queue (max_queue_size={acc.max_size}) within {timeout:g}s"
                 ) from None
 
-    def _prepare(self, event: Event, client_ip: str | None, user_agent: str | None) -> Item:
+    def _prepare(self, event: Event, client_ip: str | None, user_agent: str | None) -> Item | None:
+        """send()/send_nowait(): a ready-made event gets what the event methods add."""
         event_class = type(event)
-        if event_class is Track:
-            event = stamp_track(event)  # type: ignore[arg-type]
-        elif event_class not in _EVENT_CLASSES:
+        if event_class not in _EVENT_CLASSES:
             raise InvalidEventError(
                 "event: must be a Track, Identify, Increment, Decrement, Group or AssignGroup, "
                 f"not {event_class.__name__}"
             )
-        return self._item(event, event.order_key(), client_ip, user_agent)
+        glob = self._global_properties
+        if glob and (event_class is Track or event_class is Identify):
+            own = event.properties  # type: ignore[union-attr]
+            merged = dict(glob) if own is UNSET else {**glob, **own}
+            event = msgspec.structs.replace(event, properties=merged)
+        if event_class is Track:
+            event = stamp_track(event)  # type: ignore[arg-type]
+        context = _current_context.get()
+        if context is not None:
+            if client_ip is None:
+                client_ip = context.client_ip
+            if user_agent is None:
+                user_agent = context.user_agent
+        return self._submit(event, event.order_key(), client_ip, user_agent)
 
-    def _item(
+    def _submit(
         self, event: Event, order_key: str | None, client_ip: str | None, user_agent: str | None
-    ) -> Item:
-        """Encode once and wrap for the queue: the part of the hot path every event shares."""
+    ) -> Item | None:
+        """Hook, encode once, check and wrap for the queue: what every event goes through.
+
+        None: the event goes nowhere (filtered by before_send, or the client is disabled);
+        the drop is counted here.
+        """
+        if self._before_send is not None:
+            hooked = self._run_before_send(event)
+            if hooked is None:
+                return None
+            if hooked is not event:
+                event = hooked
+                order_key = event.order_key()
         body = encode_event(event)
         if len(body) > self._max_event_bytes:
             raise InvalidEventError(
@@ -351,7 +404,62 @@ class OpenPanel:
             _check_header_value(client_ip, "client_ip")
         if user_agent is not None:
             _check_header_value(user_agent, "user_agent")
+        if self._disabled:
+            self._acc.count_drop(DROP_DISABLED)
+            return None
         return Item(body, event.wire_type, order_key, client_ip, user_agent)
+
+    def _enqueue(
+        self, event: Event, order_key: str | None, client_ip: str | None, user_agent: str | None
+    ) -> bool:
+        item = self._submit(event, order_key, client_ip, user_agent)
+        if item is None:
+            return self._disabled
+        if self._sender is None:
+            self._start_if_on_a_loop()
+        return self._acc.put(item)
+
+    def _run_before_send(self, event: Event) -> Event | None:
+        assert self._before_send is not None
+        try:
+            result = self._before_send(event)
+        except Exception:
+            self._acc.count_drop(DROP_HOOK_ERROR)
+            if not self._hook_error_logged:
+                self._hook_error_logged = True
+                logger.exception(
+                    "openpanel_async: before_send raised; the event was dropped (later "
+                    "failures are counted in stats().dropped_by_reason, not logged)"
+                )
+            return None
+        if result is None:
+            self._acc.count_drop(DROP_FILTERED)
+            return None
+        result_class = type(result)
+        if result_class not in _EVENT_CLASSES:
+            self._acc.count_drop(DROP_HOOK_ERROR)
+            if not self._hook_error_logged:
+                self._hook_error_logged = True
+                logger.error(
+                    "openpanel_async: before_send must return an event or None, not %s; "
+                    "the event was dropped",
+                    result_class.__name__,
+                )
+            return None
+        if result_class is Track:
+            result = stamp_track(result)  # type: ignore[arg-type]
+        return result
+
+    def set_global_properties(self, properties: Mapping[str, Any] | None) -> None:
+        """Replace the properties merged into every ``track`` and ``identify`` event.
+
+        An event's own properties win over these. Safe to call from any thread.
+        """
+        self._global_properties = _checked_global_properties(properties)
+
+    @property
+    def global_properties(self) -> Mapping[str, Any]:
+        return MappingProxyType(self._global_properties or {})
 
     def track(
         self,
@@ -367,29 +475,53 @@ class OpenPanel:
         """Track a named event. Never blocks; False when the event was dropped.
 
         ``properties["__timestamp"]`` is set to ``timestamp`` (default: now) unless the
-        properties already carry one and no ``timestamp`` is given.
+        properties already carry one and no ``timestamp`` is given. Global properties are
+        merged under the event's own; profile, groups, IP and user agent not given here
+        come from the current :func:`event_context`, if any.
         """
         stamp = now_timestamp() if timestamp is None else format_timestamp(timestamp)
+        glob = self._global_properties
+        props: dict[str, Any]
         if properties is None:
-            props: dict[str, Any] = {"__timestamp": stamp}
+            props = {**glob, "__timestamp": stamp} if glob else {"__timestamp": stamp}
         elif type(properties) is not dict:
             _validation.check_properties(properties, "track.properties")
             props = {}  # unreachable: check_properties raised
         elif timestamp is None and "__timestamp" in properties:
-            props = properties
+            props = {**glob, **properties} if glob else properties
+        elif glob:
+            props = {**glob, **properties, "__timestamp": stamp}
         else:
             props = {**properties, "__timestamp": stamp}
+        context = _current_context.get()
+        if context is not None:
+            if profile_id is None:
+                profile_id = context.profile_id
+            if groups is None:
+                groups = context.groups
+            if client_ip is None:
+                client_ip = context.client_ip
+            if user_agent is None:
+                user_agent = context.user_agent
         event = Track(
             name=name,
             properties=props,
             profile_id=UNSET if profile_id is None else profile_id,
             groups=UNSET if groups is None else groups,  # type: ignore[arg-type]
         )
-        # The hot path: already stamped, a known type, never ordered; skip send_nowait's checks.
-        item = self._item(event, None, client_ip, user_agent)
-        if self._sender is None:
-            self._start_if_on_a_loop()
-        return self._acc.put(item)
+        return self._enqueue(event, None, client_ip, user_agent)
+
+    def _enqueue_in_context(
+        self, event: Event, client_ip: str | None, user_agent: str | None
+    ) -> bool:
+        """Queue a profile or group event with the IP and user agent of the current context."""
+        context = _current_context.get()
+        if context is not None:
+            if client_ip is None:
+                client_ip = context.client_ip
+            if user_agent is None:
+                user_agent = context.user_agent
+        return self._enqueue(event, event.order_key(), client_ip, user_agent)
 
     def identify(
         self,
@@ -404,6 +536,9 @@ class OpenPanel:
         user_agent: str | None = None,
     ) -> bool:
         """Create or update a profile. Arguments left as None are not sent."""
+        glob = self._global_properties
+        if glob and (properties is None or type(properties) is dict):
+            properties = {**glob, **properties} if properties else dict(glob)
         event = Identify(
             profile_id=profile_id,
             first_name=UNSET if first_name is None else first_name,
@@ -412,7 +547,7 @@ class OpenPanel:
             avatar=UNSET if avatar is None else avatar,
             properties=UNSET if properties is None else properties,
         )
-        return self.send_nowait(event, client_ip=client_ip, user_agent=user_agent)
+        return self._enqueue_in_context(event, client_ip, user_agent)
 
     def increment(
         self,
@@ -425,7 +560,7 @@ class OpenPanel:
     ) -> bool:
         """Add ``value`` (> 0) to a numeric property of a profile."""
         event = Increment(profile_id=profile_id, property=property, value=value)
-        return self.send_nowait(event, client_ip=client_ip, user_agent=user_agent)
+        return self._enqueue_in_context(event, client_ip, user_agent)
 
     def decrement(
         self,
@@ -438,7 +573,7 @@ class OpenPanel:
     ) -> bool:
         """Subtract ``value`` (> 0) from a numeric property of a profile."""
         event = Decrement(profile_id=profile_id, property=property, value=value)
-        return self.send_nowait(event, client_ip=client_ip, user_agent=user_agent)
+        return self._enqueue_in_context(event, client_ip, user_agent)
 
     def group(
         self,
@@ -454,7 +589,7 @@ class OpenPanel:
         event = Group(
             id=id, type=type, name=name, properties=UNSET if properties is None else properties
         )
-        return self.send_nowait(event, client_ip=client_ip, user_agent=user_agent)
+        return self._enqueue_in_context(event, client_ip, user_agent)
 
     def assign_group(
         self,
@@ -464,12 +599,20 @@ class OpenPanel:
         client_ip: str | None = None,
         user_agent: str | None = None,
     ) -> bool:
-        """Link a profile (without one: the server's device id) to one or more groups."""
+        """Link a profile to one or more groups.
+
+        Without ``profile_id`` (here or in the current event context) the server links its
+        own device id.
+        """
+        if profile_id is None:
+            context = _current_context.get()
+            if context is not None:
+                profile_id = context.profile_id
         event = AssignGroup(
             group_ids=group_ids,  # type: ignore[arg-type]
             profile_id=UNSET if profile_id is None else profile_id,
         )
-        return self.send_nowait(event, client_ip=client_ip, user_agent=user_agent)
+        return self._enqueue_in_context(event, client_ip, user_agent)
 
     # --- waiting and observing ------------------------------------------------------------
 
@@ -555,6 +698,19 @@ def _check_seconds(name: str, value: object, *, allow_zero: bool) -> None:
         raise ConfigError(f"{name}: must be a finite number of seconds, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _checked_global_properties(properties: object) -> dict[str, Any] | None:
+    if properties is None:
+        return None
+    if not isinstance(properties, Mapping):
+        raise ConfigError(f"global_properties: must be a dict, not {type(properties).__name__}")
+    checked = dict(properties)
+    try:
+        msgspec.json.encode(checked)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ConfigError(f"global_properties: cannot be encoded as JSON: {exc}") from None
+    return checked or None
 
 
 def _check_header_value(value: object, field: str) -> None:

@@ -26,13 +26,12 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import aiohttp
-
 from . import _ratelimit
 from ._accumulator import DROP_BROKEN, DROP_CLOSED, DROP_UNAUTHORIZED, Accumulator, Item
 from ._log import Throttle, logger
 from ._outcome import Verdict, classify, server_message
 from ._retry import RetryPolicy
+from ._transport import AiohttpTransport, Transport
 from .errors import (
     AuthenticationError,
     DeliveryError,
@@ -42,8 +41,6 @@ from .errors import (
     ShutdownError,
 )
 
-# Enough for any message the server sends; a larger body is cut, never buffered whole.
-_MAX_RESPONSE_BYTES = 64 * 1024
 # A 404 "Profile not found" on increment/decrement: the profile may still be in flight on
 # the server, so a few spaced attempts are worth it, but not the whole retry budget.
 _PROFILE_PENDING_ATTEMPTS = 4
@@ -68,6 +65,7 @@ class Sender:
         on_error: ErrorCallback | None,
         idle_timeout: float,
         on_orphaned: Callable[[Sender], None] | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self._acc = accumulator
         self._on_orphaned = on_orphaned
@@ -96,10 +94,12 @@ class Sender:
 
         self._loop = asyncio.get_running_loop()
         self._thread_id = threading.get_ident()
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max_concurrency, limit_per_host=0),
-            timeout=aiohttp.ClientTimeout(total=request_timeout),
+        self._transport: Transport = (
+            transport
+            if transport is not None
+            else AiohttpTransport(max_connections=max_concurrency, request_timeout=request_timeout)
         )
+        self._transport_closed = False
         self._workers: set[asyncio.Task[None]] = set()
         self._current: dict[asyncio.Task[None], Item] = {}
         self._idle: list[asyncio.Future[None]] = []
@@ -128,7 +128,7 @@ class Sender:
         except asyncio.CancelledError:
             if self._close_task is None:
                 self._orphan()
-            await self._close_session()
+            await self._close_transport()
             raise
 
     def _orphan(self) -> None:
@@ -145,14 +145,17 @@ class Sender:
         if self._on_orphaned is not None:
             self._on_orphaned(self)
 
-    async def _close_session(self) -> None:
-        if self._session.closed:
+    async def _close_transport(self) -> None:
+        if self._transport_closed:
             return
+        self._transport_closed = True
         try:
             async with asyncio.timeout(1.0):
-                await self._session.close()
+                await self._transport.aclose()
         except TimeoutError:
             logger.warning("openpanel_async: closing the HTTP session timed out")
+        except Exception:
+            logger.exception("openpanel_async: closing the transport failed")
 
     # --- waking workers ---------------------------------------------------------------
 
@@ -293,12 +296,7 @@ class Sender:
                 headers["x-client-ip"] = item.client_ip
         self.in_flight += 1
         try:
-            async with self._session.post(
-                self._url, data=item.body, headers=headers, allow_redirects=False
-            ) as response:
-                body = await response.content.read(_MAX_RESPONSE_BYTES)
-                status = response.status
-                response_headers = response.headers
+            response = await self._transport.post(self._url, item.body, headers)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -308,6 +306,9 @@ class Sender:
             return
         finally:
             self.in_flight -= 1
+        status = response.status
+        response_headers = response.headers
+        body = response.body
 
         if "x-ratelimit-remaining" in response_headers:
             self._read_budget(response_headers)
@@ -699,7 +700,7 @@ class Sender:
                 waiter.cancel()
             self._idle.clear()
             self._guardian.cancel()
-            await self._close_session()
+            await self._close_transport()
             if self.state == "closing":
                 self.state = "closed"
             self._report_close(lost)

@@ -39,7 +39,8 @@ def test_public_surface_is_pinned() -> None:
         "DeliveryError", "DroppedByServerError", "Event", "Group", "Identify", "Increment",
         "InvalidEventError", "OpenPanel", "OpenPanelError", "RejectedError",
         "RetriesExhaustedError", "RetryPolicy", "SendTimeoutError", "ShutdownError", "Stats",
-        "Track", "__version__",
+        "Track", "__version__", "EventContext", "Transport", "TransportResponse",
+        "event_context", "set_identity", "SyncOpenPanel",
     }  # fmt: skip
     assert issubclass(InvalidEventError, ValueError)
     assert issubclass(ConfigError, ValueError)

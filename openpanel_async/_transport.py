@@ -1,0 +1,64 @@
+"""The one seam between the delivery engine and HTTP: POST a body, get status, headers, body.
+
+The default transport is aiohttp with one pooled session. Tests (ours and our users')
+plug in other transports, such as ``openpanel_async.testing.EventRecorder``, without
+patching anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import aiohttp
+
+__all__ = ["AiohttpTransport", "Transport", "TransportResponse"]
+
+# Enough for any message the server sends; a larger body is cut, never buffered whole.
+MAX_RESPONSE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TransportResponse:
+    """An HTTP answer. ``headers`` must look names up without case (or use lower case)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """Sends one request. Raise any exception for a network failure: it is retried."""
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> TransportResponse:
+        ...
+
+    async def aclose(self) -> None:
+        ...
+
+
+class AiohttpTransport:
+    """One aiohttp ClientSession with a keep-alive pool; created on the running loop."""
+
+    def __init__(self, *, max_connections: int, request_timeout: float) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0),
+            timeout=aiohttp.ClientTimeout(total=request_timeout),
+        )
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> TransportResponse:
+        # Never follow redirects: the secret must not travel to another host.
+        async with self._session.post(
+            url, data=body, headers=headers, allow_redirects=False
+        ) as response:
+            content = await response.content.read(MAX_RESPONSE_BYTES)
+            return TransportResponse(response.status, response.headers, content)
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._session.closed
