@@ -23,6 +23,8 @@ DROP_BROKEN = "broken"
 DROP_DISABLED = "disabled"
 DROP_FILTERED = "filtered"
 DROP_HOOK_ERROR = "before_send_error"
+# Drops the application asked for: counted, never reported as a problem.
+QUIET_DROPS = frozenset({DROP_DISABLED, DROP_FILTERED})
 
 
 class Item:
@@ -73,7 +75,7 @@ class Accumulator:
         self.delivered = 0
         self.failed = 0
         self.dropped: dict[str, int] = {}
-        self.dropped_total = 0
+        self.unexpected_drops = 0  # drops not in QUIET_DROPS; the sender reports these
         self.failed_by_reason: dict[str, int] = {}
         # Set by the sender once it runs; called (outside the lock) after each accepted put.
         self.notify: Callable[[], None] | None = None
@@ -97,7 +99,7 @@ class Accumulator:
             if reason is not None:
                 if count_drop:
                     self.dropped[reason] = self.dropped.get(reason, 0) + 1
-                    self.dropped_total += 1
+                    self.unexpected_drops += 1
                 return False
             self.accepted += 1
             item.epoch = epoch = self._epoch
@@ -111,7 +113,8 @@ class Accumulator:
     def count_drop(self, reason: str) -> None:
         with self._lock:
             self.dropped[reason] = self.dropped.get(reason, 0) + 1
-            self.dropped_total += 1
+            if reason not in QUIET_DROPS:
+                self.unexpected_drops += 1
 
     @property
     def pending(self) -> int:

@@ -27,7 +27,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import _ratelimit
-from ._accumulator import DROP_BROKEN, DROP_CLOSED, DROP_UNAUTHORIZED, Accumulator, Item
+from ._accumulator import (
+    DROP_BROKEN,
+    DROP_CLOSED,
+    DROP_UNAUTHORIZED,
+    QUIET_DROPS,
+    Accumulator,
+    Item,
+)
 from ._log import Throttle, logger
 from ._outcome import Verdict, classify, server_message
 from ._retry import RetryPolicy
@@ -240,7 +247,7 @@ class Sender:
                 await self._attempt(item)
                 # Not in a finally: after a cancellation close() needs to find the item.
                 del self._current[task]
-                if self._acc.dropped_total != self._drops_reported:
+                if self._acc.unexpected_drops != self._drops_reported:
                     self._report_drops()
         except asyncio.CancelledError:
             raise
@@ -604,12 +611,16 @@ class Sender:
         if now - self._last_drop_report < _DROP_REPORT_INTERVAL:
             return
         *_, dropped, _failed = self._acc.snapshot()
-        total = sum(dropped.values())
+        total = self._acc.unexpected_drops
         new = total - self._drops_reported
         self._drops_reported = total
         self._last_drop_report = now
         if new > 0:
-            detail = ", ".join(f"{reason}: {n}" for reason, n in sorted(dropped.items()))
+            detail = ", ".join(
+                f"{reason}: {n}"
+                for reason, n in sorted(dropped.items())
+                if reason not in QUIET_DROPS
+            )
             logger.warning(
                 "openpanel_async: %d events dropped since the last report (in total %s)",
                 new,
