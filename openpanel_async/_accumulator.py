@@ -81,10 +81,14 @@ class Accumulator:
         self.notify: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._refusing: str | None = None  # drop reason once intake has stopped
+        self._pending = 0  # accepted - delivered - failed, kept for a cheap bound check
         # flush() bookkeeping: events are stamped with the current epoch; a flush closes
         # the epoch and waits until no event of it, or of any earlier one, is unsettled.
+        # The open epoch's count is a plain int (the hot path bumps it); closed epochs with
+        # unsettled events are in _outstanding, oldest first.
         self._epoch = 0
-        self._outstanding: dict[int, int] = {0: 0}
+        self._open_count = 0
+        self._outstanding: dict[int, int] = {}
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._room_waiters: deque[asyncio.Future[None]] = deque()
 
@@ -94,7 +98,7 @@ class Accumulator:
         """Queue ``item``; False (and, unless told otherwise, a counted drop) when refused."""
         with self._lock:
             reason = self._refusing
-            if reason is None and self.accepted - self.delivered - self.failed >= self.max_size:
+            if reason is None and self._pending >= self.max_size:
                 reason = DROP_QUEUE_FULL
             if reason is not None:
                 if count_drop:
@@ -102,8 +106,9 @@ class Accumulator:
                     self.unexpected_drops += 1
                 return False
             self.accepted += 1
-            item.epoch = epoch = self._epoch
-            self._outstanding[epoch] += 1
+            self._pending += 1
+            self._open_count += 1
+            item.epoch = self._epoch
             self.ready.append(item)
         notify = self.notify
         if notify is not None:
@@ -148,6 +153,7 @@ class Accumulator:
             return
         item.settled = True
         epoch = item.epoch
+        epoch_done = False
         with self._lock:
             if delivered:
                 self.delivered += 1
@@ -155,12 +161,16 @@ class Accumulator:
                 self.failed += 1
                 if reason is not None:
                     self.failed_by_reason[reason] = self.failed_by_reason.get(reason, 0) + 1
-            left = self._outstanding[epoch] - 1
-            epoch_done = left == 0 and epoch != self._epoch
-            if epoch_done:
-                del self._outstanding[epoch]
+            self._pending -= 1
+            if epoch == self._epoch:
+                self._open_count -= 1
             else:
-                self._outstanding[epoch] = left
+                left = self._outstanding[epoch] - 1
+                if left:
+                    self._outstanding[epoch] = left
+                else:
+                    del self._outstanding[epoch]
+                    epoch_done = True
         if epoch_done and self._flush_waiters:
             self._wake_flushers()
         while self._room_waiters:
@@ -174,17 +184,17 @@ class Accumulator:
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:
             target = self._epoch
+            if self._open_count:
+                self._outstanding[target] = self._open_count
+            self._open_count = 0
             self._epoch += 1
-            self._outstanding[self._epoch] = 0
-            if self._outstanding[target] == 0:
-                del self._outstanding[target]
         self._flush_waiters.append((target, future))
         self._wake_flushers()
         return future
 
     def _wake_flushers(self) -> None:
         # Epochs are inserted in increasing order, so the first key is the oldest unsettled.
-        oldest = next(iter(self._outstanding))
+        oldest = next(iter(self._outstanding), self._epoch)
         keep = []
         for target, future in self._flush_waiters:
             if target < oldest:

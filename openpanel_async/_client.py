@@ -509,7 +509,13 @@ class OpenPanel:
             profile_id=UNSET if profile_id is None else profile_id,
             groups=UNSET if groups is None else groups,  # type: ignore[arg-type]
         )
-        return self._enqueue(event, None, client_ip, user_agent)
+        # _enqueue(), inlined: this is the hottest path of the library.
+        item = self._submit(event, None, client_ip, user_agent)
+        if item is None:
+            return self._disabled
+        if self._sender is None:
+            self._start_if_on_a_loop()
+        return self._acc.put(item)
 
     def _enqueue_in_context(
         self, event: Event, client_ip: str | None, user_agent: str | None

@@ -16,6 +16,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from . import _validation as v
+from ._validation import valid_names as _valid_names
 from .errors import InvalidEventError
 
 __all__ = [
@@ -58,13 +59,20 @@ class Track(_Payload, frozen=True):
     groups: list[str] | UnsetType | None = UNSET
 
     def __post_init__(self) -> None:
-        v.check_event_name(self.name, "track.name")
-        if self.properties is not UNSET:
-            v.check_properties(self.properties, "track.properties")
-            if self.properties:
-                v.check_reserved_properties(self.name, self.properties, "track.properties")
-        if self.profile_id is not UNSET:
-            v.check_profile_id(self.profile_id, "track.profile_id")
+        # The hot path of every track() call: the common valid case costs a few type and
+        # dict checks; the full (slower) checks run only when something looks unusual.
+        name = self.name
+        if type(name) is not str or name not in _valid_names:
+            v.check_event_name(name, "track.name")
+        properties = self.properties
+        if type(properties) is not dict:
+            if properties is not UNSET:
+                v.check_properties(properties, "track.properties")
+        elif name == "revenue" or "__deviceId" in properties:
+            v.check_reserved_properties(name, properties, "track.properties")
+        profile_id = self.profile_id
+        if profile_id is not UNSET and (type(profile_id) is not str or not profile_id):
+            v.check_profile_id(profile_id, "track.profile_id")
         if self.groups is not UNSET and self.groups is not None:
             v.check_string_list(self.groups, "track.groups", allow_empty_list=True)
 

@@ -59,7 +59,7 @@ _WHITESPACE_OR_CONTROL_RE = re.compile(r"[\x00-\x20\x7f]")
 # Names already checked: event names repeat, so the common case is one dict lookup.
 # Bounded; cleared when full rather than tracking recency, which would cost on every hit.
 _NAME_CACHE_SIZE = 4096
-_valid_names: dict[str, None] = {}
+valid_names: dict[str, None] = {}
 
 
 def fail(field: str, rule: str) -> NoReturn:
@@ -82,7 +82,7 @@ def _describe(value: object) -> str:
 
 
 def check_event_name(name: object, field: str = "name") -> None:
-    if type(name) is str and name in _valid_names:
+    if type(name) is str and name in valid_names:
         return
     if not isinstance(name, str):
         fail(field, f"must be a str, not {type(name).__name__}")
@@ -101,9 +101,9 @@ def check_event_name(name: object, field: str = "name") -> None:
         fail(field, f"contains {match.group()!r}, which the server refuses as blocked content")
     if name.startswith("/") and (_SCAN_PATH_RE.match(name) or lowered.endswith(".php")):
         fail(field, f"{_describe(name)} looks like a scanned URL path, which the server refuses")
-    if len(_valid_names) >= _NAME_CACHE_SIZE:
-        _valid_names.clear()
-    _valid_names[name] = None
+    if len(valid_names) >= _NAME_CACHE_SIZE:
+        valid_names.clear()
+    valid_names[name] = None
 
 
 def check_nonempty_str(value: object, field: str) -> None:
