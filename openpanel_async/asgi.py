@@ -6,16 +6,18 @@ user agent into the event context, so every event tracked while handling the req
 background tasks it starts too, carries them. ``openpanel_lifespan`` starts a client with
 the app and drains it on shutdown.
 
-The client IP comes from the connection. ``X-Forwarded-For`` and ``Forwarded`` are read
-only when the immediate peer is one of ``trusted_proxies``: trusting them from anyone would
-let a client forge its location.
+The client IP comes from the connection. The forwarding header your proxies set
+(``X-Forwarded-For`` by default, or ``Forwarded``) is read only when the immediate peer is
+one of ``trusted_proxies``: trusting it from anyone would let a client forge its location.
+Only that one header is read: proxies append to their own header and pass the other
+through, so reading both would let a client choose its address.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, MutableMapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -34,8 +36,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _MAX_USER_AGENT = 1024
-_BAD_HEADER_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-_FORWARDED_FOR = re.compile(r'for=("[^"]*"|[^;,\s]*)', re.IGNORECASE)
+_BAD_HEADER_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_FORWARDING_HEADERS = ("x-forwarded-for", "forwarded")
 
 
 class OpenPanelMiddleware:
@@ -44,34 +46,46 @@ class OpenPanelMiddleware:
     Args:
         app: the ASGI application to wrap.
         trusted_proxies: addresses or networks (``"10.0.0.0/8"``) of the reverse proxies in
-            front of the app. Forwarding headers are honoured only from these peers.
+            front of the app. The forwarding header is honoured only from these peers.
+        forwarded_header: the header those proxies write: ``"x-forwarded-for"`` (nginx,
+            most load balancers) or ``"forwarded"`` (RFC 7239).
     """
 
-    def __init__(self, app: ASGIApp, *, trusted_proxies: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        trusted_proxies: Iterable[str] = (),
+        forwarded_header: str = "x-forwarded-for",
+    ) -> None:
         self.app = app
         self._trusted: tuple[IPNetwork, ...] = tuple(
             ipaddress.ip_network(proxy.strip(), strict=False) for proxy in trusted_proxies
         )
+        header = forwarded_header.lower()
+        if header not in _FORWARDING_HEADERS:
+            raise ValueError(
+                "forwarded_header: must be 'x-forwarded-for' or 'forwarded', "
+                f"not {forwarded_header!r}"
+            )
+        self._header = header.encode("latin-1")
+        self._rfc7239 = header == "forwarded"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         user_agent = None
-        forwarded_for: list[str] = []
         forwarded: list[str] = []
         for name, value in scope.get("headers", ()):
             if name == b"user-agent":
-                user_agent = value.decode("latin-1")
-            elif name == b"x-forwarded-for":
-                forwarded_for.append(value.decode("latin-1"))
-            elif name == b"forwarded":
+                # Browsers send UTF-8 (or ASCII); decode it so it goes out as it came in.
+                user_agent = value.decode("utf-8", "replace")
+            elif name == self._header:
                 forwarded.append(value.decode("latin-1"))
         client = scope.get("client")
         peer = client[0] if client else None
-        token = enter_request(
-            self._client_ip(peer, forwarded, forwarded_for), _clean_user_agent(user_agent)
-        )
+        token = enter_request(self._client_ip(peer, forwarded), _clean_user_agent(user_agent))
         try:
             await self.app(scope, receive, send)
         finally:
@@ -80,23 +94,63 @@ class OpenPanelMiddleware:
     def _is_trusted(self, address: IPAddress) -> bool:
         return any(address in network for network in self._trusted)
 
-    def _client_ip(
-        self, peer: str | None, forwarded: list[str], forwarded_for: list[str]
-    ) -> str | None:
+    def _client_ip(self, peer: str | None, forwarded: list[str]) -> str | None:
         peer_address = _parse_ip(peer)
-        if peer_address is None or not self._trusted or not self._is_trusted(peer_address):
-            return None if peer_address is None else str(peer_address)
-        if forwarded:
-            hops = [m.group(1).strip('"') for m in _FORWARDED_FOR.finditer(",".join(forwarded))]
-        else:
-            hops = [hop.strip() for hop in ",".join(forwarded_for).split(",")]
+        if peer_address is None:
+            return None
+        if not self._trusted or not self._is_trusted(peer_address):
+            return str(peer_address)
+        hops = _forwarded_for(forwarded) if self._rfc7239 else _x_forwarded_for(forwarded)
+        if not hops:
+            return str(peer_address)  # the proxy's own request (a health check, say)
         # Walk from the nearest hop back: the first address that is not one of our proxies
         # is the client. Anything to its left was written by the client and can be forged.
-        chain = [address for address in map(_parse_ip, hops) if address is not None]
-        for address in reversed(chain):
+        for hop in reversed(hops):
+            address = _parse_ip(hop)
+            if address is None:
+                # Our proxy wrote something that is not an address ("unknown", an obfuscated
+                # node): the client's address is not known, and what lies further left is
+                # the client's own word.
+                return None
             if not self._is_trusted(address):
                 return str(address)
-        return str(chain[0]) if chain else str(peer_address)
+        leftmost = _parse_ip(hops[0])
+        return None if leftmost is None else str(leftmost)
+
+
+def _x_forwarded_for(values: list[str]) -> list[str]:
+    return [hop.strip() for hop in ",".join(values).split(",") if hop.strip()]
+
+
+def _forwarded_for(values: list[str]) -> list[str]:
+    """The ``for=`` of each element of RFC 7239 ``Forwarded`` headers, nearest last."""
+    hops = []
+    for element in _split_unquoted(",".join(values), ","):
+        for pair in _split_unquoted(element, ";"):
+            name, equals, value = pair.partition("=")
+            if equals and name.strip().lower() == "for":
+                value = value.strip()
+                if len(value) >= 2 and value[0] == value[-1] == '"':
+                    value = value[1:-1]
+                hops.append(value)
+    return hops
+
+
+def _split_unquoted(text: str, separator: str) -> Iterator[str]:
+    """Split on ``separator`` outside double-quoted strings (which may hold escapes)."""
+    start = 0
+    quoted = escaped = False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == separator and not quoted:
+            yield text[start:index]
+            start = index + 1
+    yield text[start:]
 
 
 def _parse_ip(value: str | None) -> IPAddress | None:
