@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -26,7 +27,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError as FutureCancelledError
 from dataclasses import dataclass
 from datetime import datetime
@@ -55,6 +56,7 @@ from .errors import (
     ConfigError,
     DeliveryError,
     InvalidEventError,
+    ShutdownError,
 )
 
 if TYPE_CHECKING:
@@ -268,7 +270,13 @@ def _positive_float(text: str) -> float:
 
 
 def _non_negative_float(text: str) -> float:
-    return 0.0 if text.strip() in ("0", "0.0") else _positive_float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -383,7 +391,8 @@ def describe_failure(error: DeliveryError) -> str:
 # --- send ----------------------------------------------------------------------------------
 
 
-def _properties(args: argparse.Namespace) -> dict[str, Any] | Any:
+def _properties(args: argparse.Namespace) -> Any:
+    """The --prop pairs as a dict, or UNSET: an optional field is left out, never null."""
     pairs: list[tuple[str, Any]] | None = args.props
     return dict(pairs) if pairs else UNSET
 
@@ -577,7 +586,13 @@ class LineReader:
         return item
 
     def _chunks(self) -> Iterator[bytes]:
-        while chunk := self._stream.read(self.CHUNK):
+        while True:
+            chunk: bytes | None = self._stream.read(self.CHUNK)
+            if chunk is None:  # a non-blocking descriptor with nothing to read yet
+                time.sleep(0.05)
+                continue
+            if not chunk:
+                return
             yield chunk
 
     def _run(self) -> None:
@@ -619,15 +634,20 @@ class Importer:
         self.client: OpenPanel | None = None
         self.status = StatusLine(sys.stderr, progress)
         self.line_no = 0
+        self.handled = 0  # lines fully dealt with (sent, reported or skipped): resume after
+        self.read_error: str | None = None
         self.bytes_done = 0
         self.invalid = 0
         self.failed_written = 0
         self.delivery_reports = 0
         self.refused: DeliveryError | None = None
-        self.stopped_at: int | None = None  # the line the client refused to take
+        self.stopped = False  # the client refused more events (credentials refused)
+        self.cut_off = 0  # failed at shutdown after a request went out: maybe stored
+        self.write_error: OSError | None = None  # writing --failed failed
         self.interrupted = False
         self.aborted = False
         self.abort = asyncio.Event()
+        self._phase: asyncio.Task[Any] | None = None  # what the first Ctrl-C cuts short
         self._meter = _RateMeter()
 
     # --- callbacks -------------------------------------------------------------------
@@ -639,18 +659,24 @@ class Importer:
             if self.refused is None:
                 self.refused = error
             return  # reported once, at the end, as the error that stopped the import
+        if isinstance(error, ShutdownError):
+            # Expected after a Ctrl-C, and summed up in the report rather than listed.
+            if error.attempts:
+                self.cut_off += 1
+            return
         self.delivery_reports += 1
         if self.delivery_reports <= _MAX_FAILURE_REPORTS:
             self._note(f"failed: {error}")
         elif self.delivery_reports == _MAX_FAILURE_REPORTS + 1:
             self._note("failed: ... (more delivery failures are counted, not shown)")
 
-    def on_signal(self, feed: asyncio.Task[None]) -> None:
+    def on_signal(self) -> None:
         if self.interrupted:
             self.abort.set()  # a second Ctrl-C: stop waiting for the drain
             return
         self.interrupted = True
-        feed.cancel()
+        if self._phase is not None:
+            self._phase.cancel()
 
     # --- feeding -------------------------------------------------------------------------
 
@@ -660,11 +686,14 @@ class Importer:
                 for line in batch:
                     self.line_no += 1
                     await self._one(client, line)
+                    self.handled = self.line_no
                 # send() only suspends when the queue is full: let the sender, the
                 # progress line and the signal handlers run between batches.
                 await asyncio.sleep(0)
         except ClientClosedError:
-            self.stopped_at = self.line_no  # credentials refused: nothing more can go
+            self.stopped = True  # credentials refused: nothing more can go
+        except CliError as exc:
+            self.read_error = str(exc)  # what was sent is still delivered, then reported
 
     async def _one(self, client: OpenPanel, line: bytes | LongLine) -> None:
         if isinstance(line, LongLine):
@@ -694,9 +723,15 @@ class Importer:
             self._note("... (more invalid lines are counted, not shown)")
 
     def _keep(self, body: bytes) -> None:
-        if self.failed_out is not None:
+        if self.failed_out is None or self.write_error is not None:
+            return
+        try:
             self.failed_out.write(body + b"\n")
-            self.failed_written += 1
+        except OSError as exc:
+            # Raised inside on_error the library would only log it: remember it instead.
+            self.write_error = exc
+            return
+        self.failed_written += 1
 
     def _note(self, message: str) -> None:
         self.status.clear()
@@ -708,20 +743,30 @@ class Importer:
         if not self.status.enabled or self.client is None:
             return
         stats = self.client.stats()
-        rate = self._meter.rate(stats.delivered + stats.failed)
+        settled = stats.delivered + stats.failed
+        rate = self._meter.rate(settled)
         parts = [f"{_count(self.line_no)} lines", f"{_count(stats.delivered)} delivered"]
         parts.append(f"{_count(round(rate))}/s")
-        size = self.source.size
-        if size:
-            done = min(1.0, self.bytes_done / size)
-            bar = "#" * round(done * 20)
-            parts.insert(0, f"[{bar:<20}] {done:4.0%}")
-            if rate > 0 and 0 < done < 1:
-                remaining = (size - self.bytes_done) / max(1, self.bytes_done) * self.line_no
-                parts.append(f"ETA {_clock(remaining / rate)}")
+        expected = self._expected_events(stats.accepted)
+        if expected is not None:
+            done = min(1.0, settled / expected) if expected else 1.0
+            parts.insert(0, f"[{'#' * round(done * 20):<20}] {done:4.0%}")
+            if rate > 0 and done < 1:
+                parts.append(f"ETA {_clock((expected - settled) / rate)}")
         if stats.paused_for > 0:
-            parts.append("waiting out a rate limit")
+            parts.append("(rate limited)")
         self.status.show("  ".join(parts))
+
+    def _expected_events(self, accepted: int) -> float | None:
+        """Events in the whole input, extrapolated from the share of its bytes read so far.
+
+        Reading runs ahead of delivery by up to a queue's worth of events, so the bar
+        follows the events settled, not the bytes read.
+        """
+        size = self.source.size
+        if not size or not self.bytes_done:
+            return None
+        return max(float(accepted), accepted * size / self.bytes_done)
 
     # --- the whole run ---------------------------------------------------------------------
 
@@ -731,13 +776,14 @@ class Importer:
         reader = LineReader(self.source.stream)
         await client.start()
         reader.start()
-        feed = asyncio.create_task(self.feed(client, reader))
         ticker = asyncio.create_task(_tick(self.render))
         try:
-            with _on_signals(lambda: self.on_signal(feed)):
-                await asyncio.wait([feed])
-                if not feed.cancelled() and feed.exception() is not None:
-                    raise feed.exception()  # type: ignore[misc]
+            with _on_signals(self.on_signal):
+                await self._until_interrupted(self.feed(client, reader))
+                # At the end of the input every event gets its full retry budget: the
+                # shutdown timeout is only for a Ctrl-C, not for the tail of a big file.
+                if not self.interrupted:
+                    await self._until_interrupted(client.flush())
                 if self.interrupted:
                     self._note(
                         f"interrupted: draining for up to {self.shutdown_timeout:g} s "
@@ -748,6 +794,17 @@ class Importer:
             ticker.cancel()
             self.status.clear()
         return self.report(client.stats(), time.monotonic() - started)
+
+    async def _until_interrupted(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` as the phase that the first Ctrl-C cancels."""
+        task = asyncio.create_task(work)
+        self._phase = task
+        try:
+            await asyncio.wait([task])
+        finally:
+            self._phase = None
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error
 
     async def _close(self, client: OpenPanel) -> None:
         closing = asyncio.create_task(client.aclose())
@@ -761,36 +818,45 @@ class Importer:
     def report(self, stats: Stats, elapsed: float) -> int:
         if self.refused is not None:
             _error_line(describe_failure(self.refused))
+        if self.write_error is not None:
+            error = self.write_error
+            _error_line(f"cannot write to {self.failed_name}: {error.strerror or error}")
+        if self.read_error is not None:
+            _error_line(self.read_error)
         sent = stats.accepted
         counts = [
             f"{_plural(sent, 'line')} sent",
             f"{_count(stats.delivered)} delivered",
         ]
         if stats.failed:
-            counts.append(f"{_count(stats.failed)} failed")
+            reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(stats.failed_by_reason.items()))
+            counts.append(f"{_count(stats.failed)} failed ({reasons})")
         if self.invalid:
             counts.append(f"{_plural(self.invalid, 'invalid line')}")
         if stats.rate_limited:
             counts.append(f"{_plural(stats.rate_limited, 'rate limit')} (429) waited out")
         counts.append(f"in {elapsed:.1f} s")
-        where = f"{self.source.name}"
-        if self.aborted:
-            head = f"aborted at line {self.line_no} of {where}"
-        elif self.interrupted:
-            head = f"interrupted at line {self.line_no} of {where}"
-        elif self.stopped_at is not None:
-            head = f"stopped at line {self.stopped_at} of {where} (not sent; nor what follows)"
+        where = self.source.name
+        if self.aborted or self.interrupted or self.stopped or self.read_error:
+            # Lines after this one were not sent: a retry resumes from the next.
+            why = "aborted" if self.aborted else "interrupted" if self.interrupted else "stopped"
+            head = f"{why} after line {self.handled} of {where}"
         else:
             head = f"imported {_plural(self.line_no, 'line')} from {where}"
         print(f"{_printable(head)}: {', '.join(counts)}", flush=True)
         problems = stats.failed + self.invalid
+        if self.cut_off:
+            print(
+                f"{_plural(self.cut_off, 'failed event')} had a request cut off at shutdown: "
+                "the server may have stored them anyway"
+            )
         if self.failed_name is not None and self.failed_written:
             print(f"{_plural(self.failed_written, 'line')} written to {self.failed_name}")
         elif problems and self.failed_name is None:
             print("(pass --failed FILE to keep the lines that failed, for a retry)")
         if self.interrupted or self.aborted:
             return EXIT_INTERRUPTED
-        if problems or self.stopped_at is not None:
+        if problems or self.stopped or self.write_error or self.read_error:
             return EXIT_FAILURE
         return EXIT_OK
 
@@ -818,13 +884,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                 max_queue_size=args.queue_size,
                 max_concurrency=args.concurrency,
             )
-            return asyncio.run(_run_import(importer, client))
-
-
-async def _run_import(importer: Importer, client: OpenPanel) -> int:
-    # The Event behind a second Ctrl-C must be created on the running loop.
-    importer.abort = asyncio.Event()
-    return await importer.run(client)
+            return asyncio.run(importer.run(client))
 
 
 # --- serve ---------------------------------------------------------------------------------
@@ -930,6 +990,12 @@ def _event_time_note(request: ReceivedRequest, arrived: float) -> str | None:
     return f"at={stamp}" if abs(arrived - happened) > 60 else None
 
 
+def _stored(request: ReceivedRequest) -> bool:
+    """Whether the server kept the event: any 2xx but 202 (a bot, dropped)."""
+    status = request.status
+    return status is not None and 200 <= status < 300 and status != 202
+
+
 def format_request(request: ReceivedRequest) -> str:
     """One readable line: time, status, type, what the event is, client IP, user agent."""
     arrived = _moment(request)
@@ -938,7 +1004,7 @@ def format_request(request: ReceivedRequest) -> str:
     )
     status = "---" if request.status is None else str(request.status)
     parts = [stamp, status, request.type or "-"]
-    if request.status is not None and 200 <= request.status < 300 and request.status != 202:
+    if _stored(request):
         parts.extend(_event_details(request.type, request.payload or {}))
         note = _event_time_note(request, arrived)
         if note is not None:
@@ -962,7 +1028,7 @@ def format_request_json(request: ReceivedRequest) -> str:
         "client_id": request.headers.get("openpanel-client-id"),  # never the secret
         "path": request.path,
     }
-    if request.status is None or not (200 <= request.status < 300) or request.status == 202:
+    if not _stored(request):
         record["error"] = _refusal(request)
     # json.dumps escapes C0 controls; C1 ones are escaped too, so a terminal stays safe.
     return _CONTROL_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", _json(record))
@@ -974,25 +1040,25 @@ class RequestLog:
     def __init__(self, out: TextIO, as_json: bool) -> None:
         self._out = out
         self._format = format_request_json if as_json else format_request
-        self.statuses: Counter[str] = Counter()
-        self.stored: Counter[str] = Counter()
+        self.stored: Counter[str] = Counter()  # by event type
+        self.refused: Counter[str] = Counter()  # by status
 
     def write(self, request: ReceivedRequest) -> None:
-        status = request.status
-        if status is not None and 200 <= status < 300 and status != 202:
+        if _stored(request):
             self.stored[request.type or "?"] += 1
-        self.statuses["dropped" if status is None else str(status)] += 1
+        else:
+            self.refused["dropped" if request.status is None else str(request.status)] += 1
         self._out.write(self._format(request) + "\n")
 
     def summary(self, elapsed: float) -> str:
-        total = sum(self.statuses.values())
+        total = sum(self.stored.values()) + sum(self.refused.values())
         stored = sum(self.stored.values())
         text = f"{_plural(total, 'request')} in {elapsed:.1f} s, {_plural(stored, 'event')} stored"
         if self.stored:
             text += " (" + ", ".join(f"{t} {n:,}" for t, n in self.stored.most_common()) + ")"
-        others = [(s, n) for s, n in sorted(self.statuses.items()) if s not in ("200", "201")]
-        if others:
-            text += "; not stored: " + ", ".join(f"{n:,} x {s}" for s, n in others)
+        if self.refused:
+            refused = sorted(self.refused.items())
+            text += "; not stored: " + ", ".join(f"{n:,} x {status}" for status, n in refused)
         return text
 
 
@@ -1019,7 +1085,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve_banner(server: LocalOpenPanel, args: argparse.Namespace) -> str:
     lines = [f"{PROG} serve: a local OpenPanel server on {server.url} (POST /track)"]
-    rules = ["client id " + (args.client_id if args.client_id else "any")]
+    rules = [f"client id {args.client_id}" if args.client_id else "any client id"]
     if args.client_secret:
         rules.append("a client secret required")
     if args.rate_limit:
@@ -1057,9 +1123,14 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         print(_serve_banner(server, args), file=sys.stderr, flush=True)
         pump = asyncio.create_task(pump_requests(server, log, sys.stdout))
+        stopping = asyncio.create_task(stop.wait())
         with _on_signals(stop.set):
-            await stop.wait()
+            await asyncio.wait({pump, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
         pump.cancel()
+        # The printer only ends by itself on an error, e.g. stdout closed (| head).
+        if pump.done() and not pump.cancelled() and (error := pump.exception()) is not None:
+            raise error
     finally:
         await server.stop()
     drain_requests(server, log)
@@ -1071,8 +1142,6 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _listen_error(port: int, exc: OSError) -> str:
-    import errno
-
     if exc.errno == errno.EADDRINUSE:
         return (
             f"cannot listen on 127.0.0.1:{port}: the port is in use (pick another --port, "
@@ -1179,15 +1248,6 @@ def _demo_track(rng: random.Random, user: str, org_id: str) -> TrackCall:
     )
 
 
-@dataclass
-class DemoRun:
-    costs: list[int]  # nanoseconds per track() call
-    seconds: float
-    limited_from: float | None = None
-    limited_to: float | None = None
-    interrupted: bool = False
-
-
 async def produce(
     client: OpenPanel,
     calls: Sequence[TrackCall | OtherCall],
@@ -1209,7 +1269,7 @@ async def produce(
         for _ in range(int(min(_DEMO_BATCH, limit - sent))):
             call = calls[index]
             index = (index + 1) % len(calls)
-            if type(call) is TrackCall:
+            if isinstance(call, TrackCall):
                 t0 = perf()
                 client.track(
                     call.name,
@@ -1221,22 +1281,23 @@ async def produce(
                 )
                 costs.append(perf() - t0)
             else:
-                call(client)  # type: ignore[operator]
+                call(client)
             sent += 1
         await asyncio.sleep(0)  # track() never yields: let the sender work
     return costs
 
 
-async def rate_limit_stretch(server: LocalOpenPanel, run: DemoRun, started: float) -> None:
-    """Make the server rate-limit the client for the middle part of the run."""
-    await asyncio.sleep(run.seconds * _DEMO_LIMIT_FROM)
+async def rate_limit_stretch(server: LocalOpenPanel, seconds: float) -> None:
+    """Make the server rate-limit the client for the middle part of the run.
+
+    ``rate_limit`` is a plain attribute the server reads on every request.
+    """
+    await asyncio.sleep(seconds * _DEMO_LIMIT_FROM)
     server.rate_limit = _DEMO_LIMIT
-    run.limited_from = time.monotonic() - started
     try:
-        await asyncio.sleep(run.seconds * (_DEMO_LIMIT_TO - _DEMO_LIMIT_FROM))
+        await asyncio.sleep(seconds * (_DEMO_LIMIT_TO - _DEMO_LIMIT_FROM))
     finally:
         server.rate_limit = None
-        run.limited_to = time.monotonic() - started
 
 
 def _demo_progress(client: OpenPanel, status: StatusLine, started: float) -> Callable[[], None]:
@@ -1320,16 +1381,16 @@ async def _demo_against(server: LocalOpenPanel, args: argparse.Namespace) -> int
         flush=True,
     )
     status = StatusLine(sys.stdout, sys.stdout.isatty() and not args.no_progress)
-    run = DemoRun(costs=[], seconds=seconds)
+    costs: list[int] = []  # nanoseconds per track() call
     calls = demo_calls(random.Random(2026))
     stop = asyncio.Event()
     started = time.monotonic()
     async with client:
         ticker = asyncio.create_task(_tick(_demo_progress(client, status, started)))
-        stretch = asyncio.create_task(rate_limit_stretch(server, run, started))
+        stretch = asyncio.create_task(rate_limit_stretch(server, seconds))
         try:
             with _on_signals(stop.set):
-                run.costs = await produce(client, calls, seconds, args.events, stop)
+                costs = await produce(client, calls, seconds, args.events, stop)
                 stretch.cancel()
                 await client.flush()
         finally:
@@ -1338,7 +1399,7 @@ async def _demo_against(server: LocalOpenPanel, args: argparse.Namespace) -> int
             status.clear()
     elapsed = time.monotonic() - started
     stats = client.stats()
-    print(demo_table(stats, run.costs))
+    print(demo_table(stats, costs))
     stored = len(server.events)
     print(
         f"\n{_count(stats.accepted)} events in {elapsed:.1f} s "
@@ -1352,6 +1413,17 @@ async def _demo_against(server: LocalOpenPanel, args: argparse.Namespace) -> int
 
 
 DEMO_PROFILE = "openpanel-async-demo"
+# A real server stores a new profile asynchronously: the increment right after the
+# identify may get "404 Profile not found" for a moment. The client retries those at
+# wait_initial-spaced intervals (1, 2, 3 s here), so be more patient than `send`.
+REMOTE_DEMO_RETRY = RetryPolicy(
+    max_attempts=4,
+    wait_initial=1.0,
+    wait_max=4.0,
+    wait_jitter=0.5,
+    max_elapsed=30.0,
+    max_retry_after=10.0,
+)
 
 
 def remote_demo_calls() -> list[tuple[str, OtherCall]]:
@@ -1390,12 +1462,14 @@ def remote_demo_calls() -> list[tuple[str, OtherCall]]:
 
 async def _demo_remote(target: Target, args: argparse.Namespace) -> int:
     failures: list[DeliveryError] = []
+    retry = REMOTE_DEMO_RETRY
+    client_timeout = retry.max_attempts * (args.timeout + retry.wait_max)
     client = make_client(
         target,
         on_error=failures.append,
-        retry=SEND_RETRY,
+        retry=retry,
         request_timeout=args.timeout,
-        shutdown_timeout=SEND_RETRY.max_attempts * args.timeout + 2.0,
+        shutdown_timeout=client_timeout,
     )
     calls = remote_demo_calls()
     print(f"{PROG} demo: sending {len(calls)} events to {target}", flush=True)
@@ -1403,6 +1477,8 @@ async def _demo_remote(target: Target, args: argparse.Namespace) -> int:
         for label, call in calls:
             call(client)
             print(f"  {label}")
+        # Settle before closing: a refusal seen while open stops the rest being sent.
+        await client.flush(timeout=client_timeout)
     stats = client.stats()
     print()
     print(
@@ -1559,8 +1635,12 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common, credentials],
     )
     demo.set_defaults(handler=cmd_demo)
-    demo.add_argument("--seconds", type=_positive_float, default=3.0, help="(default: 3)")
-    demo.add_argument("--events", type=_positive_int, help="stop after this many events")
+    demo.add_argument(
+        "--seconds", type=_positive_float, default=3.0, help="how long to send (default: 3)"
+    )
+    demo.add_argument(
+        "--events", type=_positive_int, metavar="N", help="stop after this many events"
+    )
     demo.add_argument(
         "--local", action="store_true", help="use the local server even with credentials set"
     )
@@ -1579,10 +1659,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=_port, default=3333, help="(default: %(default)s; 0 picks a free one)"
     )
     serve.add_argument("--rate-limit", type=parse_rate, metavar="R/s", help="e.g. 100/s, 600/min")
-    serve.add_argument("--fail-rate", type=parse_fraction, default=0.0, metavar="P",
-                       help="share of requests answered 500/502/503, e.g. 0.1 or 10%%")  # fmt: skip
-    serve.add_argument("--delay", type=_non_negative_float, default=0.0, metavar="SECONDS",
-                       help="wait this long before each answer")  # fmt: skip
+    serve.add_argument(
+        "--fail-rate",
+        type=parse_fraction,
+        default=0.0,
+        metavar="P",
+        help="share of requests answered 500/502/503, e.g. 0.1 or 10%%",
+    )
+    serve.add_argument(
+        "--delay",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long before each answer",
+    )
     serve.add_argument("--seed", type=int, help="seed the simulated failures")
     serve.add_argument("--client-id", metavar="ID", help="require this client id (default: any)")
     serve.add_argument("--client-secret", metavar="SECRET", help="require this secret")
@@ -1602,13 +1692,27 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument(
         "--failed", metavar="FILE", help="write the lines that failed here, to retry them"
     )
-    importer.add_argument("--concurrency", type=_positive_int, default=64,
-                          help="requests in flight at most (default: %(default)s)")  # fmt: skip
-    importer.add_argument("--queue-size", type=_positive_int, default=10_000,
-                          help="events held in memory at most (default: %(default)s)")  # fmt: skip
-    importer.add_argument("--shutdown-timeout", type=_non_negative_float, default=10.0,
-                          metavar="SECONDS",
-                          help="on Ctrl-C, how long to drain (default: %(default)s)")  # fmt: skip
+    importer.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="requests in flight at most (default: %(default)s)",
+    )
+    importer.add_argument(
+        "--queue-size",
+        type=_positive_int,
+        default=10_000,
+        metavar="N",
+        help="events held in memory at most (default: %(default)s)",
+    )
+    importer.add_argument(
+        "--shutdown-timeout",
+        type=_non_negative_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on Ctrl-C, how long to drain (default: %(default)s)",
+    )
     importer.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_timeout(importer, 10.0)
     return parser

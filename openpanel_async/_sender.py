@@ -470,9 +470,10 @@ class Sender:
             status=status,
             message=message,
         )
-        if self.state != "running":
+        if self.state not in ("running", "closing"):
             return
-        # Every further request would be refused too: stop, and say so once.
+        # Every further request would be refused too (also while draining at close):
+        # stop, and say so once.
         self.state = "unauthorized"
         self._acc.refuse(DROP_UNAUTHORIZED)
         failed = self._fail_waiting(

@@ -443,3 +443,25 @@ async def test_credentials_in_client_id_are_checked(server: LocalOpenPanel) -> N
         await op.flush(timeout=5)
     assert errors[0].status == 401
     assert server.requests[0].headers["openpanel-client-id"] == other
+
+
+async def test_unauthorized_while_closing_stops_at_once(server: LocalOpenPanel) -> None:
+    errors: list[DeliveryError] = []
+    op = make_client(server, client_secret="wrong", max_concurrency=4, on_error=errors.append)
+    async with op:
+        for i in range(300):
+            op.track("x", {"i": i})
+        # Leaving the block drains: the first 401 must stop the drain, not 300 requests.
+    stats = op.stats()
+    assert len(server.requests) <= 4
+    assert stats.failed == 300
+    assert dict(stats.failed_by_reason) == {"unauthorized": 300}
+    assert stats.state == "unauthorized"
+    assert_accounted(stats, closed=True)
+
+
+async def test_local_server_port_in_use_leaves_nothing_behind(server: LocalOpenPanel) -> None:
+    clash = LocalOpenPanel(port=server.port)
+    with pytest.raises(OSError, match="address already in use"):
+        await clash.start()
+    await clash.stop()  # harmless after a failed start
