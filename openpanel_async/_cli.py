@@ -1062,23 +1062,6 @@ class RequestLog:
         return text
 
 
-async def pump_requests(server: LocalOpenPanel, log: RequestLog, out: TextIO) -> None:
-    """Print each request as it arrives, and forget it: a dev server may run for days."""
-    while True:
-        with contextlib.suppress(TimeoutError):
-            await server.wait_for_requests(1, timeout=3600)
-        drain_requests(server, log)
-        out.flush()
-
-
-def drain_requests(server: LocalOpenPanel, log: RequestLog) -> None:
-    # The handler appends on this same loop, so nothing arrives between these two lines.
-    arrived = server.requests[:]
-    del server.requests[: len(arrived)]
-    for request in arrived:
-        log.write(request)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(_serve(args))
 
@@ -1103,6 +1086,20 @@ def _serve_banner(server: LocalOpenPanel, args: argparse.Namespace) -> str:
 async def _serve(args: argparse.Namespace) -> int:
     from .testing import LocalOpenPanel
 
+    stop = asyncio.Event()
+    failures: list[BaseException] = []
+    log = RequestLog(sys.stdout, args.json)
+
+    def print_request(request: ReceivedRequest) -> None:
+        # One line per request as it is answered; nothing is kept: a dev server may run
+        # for days. A closed stdout (| head) ends the server.
+        try:
+            log.write(request)
+            sys.stdout.flush()
+        except (OSError, ValueError) as exc:
+            failures.append(exc)
+            stop.set()
+
     server = LocalOpenPanel(
         client_id=args.client_id,
         client_secret=args.client_secret,
@@ -1111,29 +1108,22 @@ async def _serve(args: argparse.Namespace) -> int:
         rate_limit=args.rate_limit,
         fail_rate=args.fail_rate,
         seed=args.seed,
+        on_request=print_request,
+        record=False,
     )
     try:
         await server.start()
     except OSError as exc:
-        await server.stop()
         raise CliError(_listen_error(args.port, exc)) from None
     started = time.monotonic()
-    log = RequestLog(sys.stdout, args.json)
-    stop = asyncio.Event()
     try:
         print(_serve_banner(server, args), file=sys.stderr, flush=True)
-        pump = asyncio.create_task(pump_requests(server, log, sys.stdout))
-        stopping = asyncio.create_task(stop.wait())
         with _on_signals(stop.set):
-            await asyncio.wait({pump, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        pump.cancel()
-        # The printer only ends by itself on an error, e.g. stdout closed (| head).
-        if pump.done() and not pump.cancelled() and (error := pump.exception()) is not None:
-            raise error
+            await stop.wait()
     finally:
         await server.stop()
-    drain_requests(server, log)
+    if failures:
+        raise failures[0]
     sys.stdout.flush()
     newline = "\n" if sys.stderr.isatty() else ""  # after the terminal's echoed ^C
     summary = log.summary(time.monotonic() - started)

@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -98,6 +98,9 @@ class LocalOpenPanel:
             and ``retry-after``. Times are sent in (fractional) seconds.
         fail_rate: the share of requests answered with a random 500/502/503.
         seed: seeds the random failures, for reproducible runs.
+        on_request: called with each request once it is answered (or dropped).
+        record: keep every request in ``requests``. Turn off for long runs (with
+            ``on_request`` to observe them) so that memory stays flat.
     """
 
     def __init__(
@@ -112,6 +115,8 @@ class LocalOpenPanel:
         rate_limit: tuple[int, float] | None = None,
         fail_rate: float = 0.0,
         seed: int | None = None,
+        on_request: Callable[[ReceivedRequest], None] | None = None,
+        record: bool = True,
     ) -> None:
         self.client_id = client_id.lower() if client_id else None
         self.client_secret = client_secret
@@ -122,6 +127,9 @@ class LocalOpenPanel:
         self.rate_limit = rate_limit
         self.fail_rate = fail_rate
         self.requests: list[ReceivedRequest] = []
+        self.on_request = on_request
+        self.record = record
+        self.request_count = 0
         self.in_flight = 0
         self.peak_in_flight = 0
         self._random = random.Random(seed)
@@ -198,15 +206,16 @@ class LocalOpenPanel:
     def reset(self) -> None:
         """Forget recorded requests, peaks, script and rate-limit window."""
         self.requests.clear()
+        self.request_count = 0
         self._script.clear()
         self.peak_in_flight = self.in_flight
         self._window_count = 0
         self._window_start = 0.0
 
     async def wait_for_requests(self, count: int, timeout: float = 5.0) -> None:
-        """Wait until at least ``count`` requests were answered (or dropped)."""
+        """Wait until at least ``count`` requests in all were answered (or dropped)."""
         async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(lambda: len(self.requests) >= count)
+            await self._changed.wait_for(lambda: self.request_count >= count)
 
     # --- the handler ----------------------------------------------------------------------------
 
@@ -240,17 +249,20 @@ class LocalOpenPanel:
             return web.Response(status=499)  # never reaches the client
         finally:
             self.in_flight -= 1
-            self.requests.append(
-                ReceivedRequest(
-                    path=request.path,
-                    headers={k.lower(): v for k, v in request.headers.items()},
-                    body=body,
-                    arrived=arrived,
-                    status=status,
-                    type=event_type,
-                    payload=payload,
-                )
+            received = ReceivedRequest(
+                path=request.path,
+                headers={k.lower(): v for k, v in request.headers.items()},
+                body=body,
+                arrived=arrived,
+                status=status,
+                type=event_type,
+                payload=payload,
             )
+            self.request_count += 1
+            if self.record:
+                self.requests.append(received)
+            if self.on_request is not None:
+                self.on_request(received)
             await self._notify()
 
     async def _sleep(self, seconds: float) -> None:
