@@ -16,6 +16,8 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+import msgspec
+
 DROP_QUEUE_FULL = "queue_full"
 DROP_CLOSED = "closed"
 DROP_UNAUTHORIZED = "unauthorized"
@@ -27,44 +29,24 @@ DROP_HOOK_ERROR = "before_send_error"
 QUIET_DROPS = frozenset({DROP_DISABLED, DROP_FILTERED})
 
 
-class Item:
-    """One accepted event on its way to the server."""
+class Item(msgspec.Struct, gc=False):
+    """One accepted event on its way to the server.
 
-    __slots__ = (
-        "attempts",
-        "body",
-        "client_ip",
-        "epoch",
-        "event_type",
-        "first_attempt",
-        "order_key",
-        "rate_limited",
-        "settled",
-        "user_agent",
-    )
+    A msgspec Struct rather than a Python class: built in C on the hot path, smaller, and,
+    with ``gc=False``, invisible to the garbage collector, whose full passes would
+    otherwise walk every queued event (it holds only bytes, str and numbers: no cycles).
+    """
 
-    def __init__(
-        self,
-        body: bytes,
-        event_type: str,
-        order_key: str | None,
-        client_ip: str | None,
-        user_agent: str | None,
-    ) -> None:
-        self.body = body
-        self.event_type = event_type
-        self.order_key = order_key
-        self.client_ip = client_ip
-        self.user_agent = user_agent
-        self.epoch = 0
-        self.attempts = 0  # requests that count against RetryPolicy.max_attempts
-        self.rate_limited = 0  # 429s received; they do not use up attempts
-        self.first_attempt: float | None = None
-        self.settled = False
-
-    def __lt__(self, other: Item) -> bool:
-        # Only reached by the retry heap when two items are due at the same instant.
-        return self.epoch < other.epoch
+    body: bytes
+    event_type: str
+    order_key: str | None
+    client_ip: str | None
+    user_agent: str | None
+    epoch: int = 0
+    attempts: int = 0  # requests that count against RetryPolicy.max_attempts
+    rate_limited: int = 0  # 429s received; they do not use up attempts
+    first_attempt: float | None = None
+    settled: bool = False
 
 
 class Accumulator:

@@ -174,10 +174,13 @@ class Sender:
         """
         if self._kick_scheduled:
             return
-        self._kick_scheduled = True
         if threading.get_ident() == self._thread_id:
+            if not self._idle and len(self._workers) >= self._limit:
+                return  # every worker is busy and takes the next event itself when done
+            self._kick_scheduled = True
             self._loop.call_soon(self._kick)
         else:
+            self._kick_scheduled = True
             try:
                 self._loop.call_soon_threadsafe(self._kick)
             except RuntimeError:
