@@ -100,12 +100,28 @@ def quiet_library_logs() -> None:
 # --- the minimal hand-written sender (the baseline of the delivery benchmarks) --------------
 
 
-async def minimal_send_n(url: str, body: bytes, count: int, concurrency: int) -> float:
+def minimal_session(concurrency: int) -> aiohttp.ClientSession:
+    """The minimal sender's session: one keep-alive pool of ``concurrency`` connections."""
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0)
+    return aiohttp.ClientSession(connector=connector)
+
+
+async def minimal_send_n(
+    url: str,
+    body: bytes,
+    count: int,
+    concurrency: int,
+    session: aiohttp.ClientSession | None = None,
+) -> float:
     """POST ``body`` ``count`` times with ``concurrency`` requests in flight; elapsed seconds.
 
-    One ClientSession, N worker coroutines, a pre-encoded body, no queue, no retries: the
-    least an aiohttp client can do per event. Raises if any answer is not 200.
+    One ClientSession (``session``, or a new one), N worker coroutines, a pre-encoded body,
+    no queue, no retries: the least an aiohttp client can do per event. Raises if any
+    answer is not 200.
     """
+    if session is None:
+        async with minimal_session(concurrency) as own:
+            return await minimal_send_n(url, body, count, concurrency, own)
     target = url + "/track"
     headers = client_headers()
     left = count
@@ -120,11 +136,9 @@ async def minimal_send_n(url: str, body: bytes, count: int, concurrency: int) ->
                 if response.status != 200:
                     bad += 1
 
-    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
     if bad:
         raise RuntimeError(f"minimal sender: {bad} requests were not answered 200")
     return elapsed

@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(json.dumps(result))
         return result
     quick: bool = args.quick
-    counts = [1_000, 10_000] if quick else [10_000, 100_000]
+    counts = [10_000, 20_000] if quick else [10_000, 100_000]
     report = Report("bench_memory", "4. Memory per queued event", quick)
     cases: list[dict[str, Any]] = []
     for kind in ("typical", "large"):

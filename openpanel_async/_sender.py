@@ -95,6 +95,7 @@ class Sender:
         self._budget: int | None = None
         self._budget_until = 0.0
         self._window_limit: int | None = None  # x-ratelimit-limit: a fresh window's budget
+        self._window_end = 0.0  # loop.time() the current window ends, when we saw it start
         # Adaptive concurrency (AIMD): halved on a 429 burst, grown back on successes.
         self._successes = 0
         self._decrease_blocked_until = 0.0
@@ -378,12 +379,21 @@ class Sender:
         if budget is None:
             return
         remaining, reset = budget
+        now = self._loop.time()
         # Requests still in flight were sent after the server counted this one.
         self._budget = remaining - self.in_flight
-        self._budget_until = self._loop.time() + reset
+        until = now + reset
         limit = _ratelimit.window_limit(headers)
         if limit is not None:
             self._window_limit = limit
+            if remaining == limit - 1:
+                # The first answer of a window: its reset spans the whole window. Servers
+                # that round the reset up to whole seconds (the real one does) would
+                # otherwise keep us waiting up to a second past every window's end.
+                self._window_end = until
+        if now < self._window_end < until:
+            until = self._window_end
+        self._budget_until = until
 
     def _grow_concurrency(self) -> None:
         self._successes += 1

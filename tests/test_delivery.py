@@ -465,3 +465,23 @@ async def test_local_server_port_in_use_leaves_nothing_behind(server: LocalOpenP
     with pytest.raises(OSError, match="address already in use"):
         await clash.start()
     await clash.stop()  # harmless after a failed start
+
+
+async def test_pacing_with_whole_second_reset_headers() -> None:
+    # The real server rounds x-ratelimit-reset up to whole seconds. The client must still
+    # resume when the window ends, not up to a second later. Two 1-second windows of 30
+    # requests, each taking ~0.45 s to use up (2 in flight, 30 ms answers): the last answer
+    # of the first window says "reset: 1" at ~0.45 s although the window ends at 1.0 s.
+    async with LocalOpenPanel(rate_limit=(30, 1.0), whole_seconds=True) as srv:
+        srv.response_delay = 0.03
+        async with make_client(srv, max_concurrency=2) as op:
+            for i in range(60):
+                op.track("paced", {"i": i})
+            started = time.monotonic()
+            assert await op.flush(timeout=5)
+            elapsed = time.monotonic() - started
+    statuses = [r.status for r in srv.requests]
+    assert statuses.count(200) == 60
+    assert statuses.count(429) <= 2
+    # ~1.0 s + ~0.45 s for the second window; trusting the rounded header alone: ~1.9 s.
+    assert 1.0 <= elapsed < 1.7

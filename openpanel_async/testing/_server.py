@@ -10,6 +10,7 @@ request it receives.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import re
 import time
@@ -96,6 +97,9 @@ class LocalOpenPanel:
         rate_limit: ``(requests, window_seconds)``: a fixed-window limiter. Every answer
             then carries ``x-ratelimit-limit/-remaining/-reset``; refused requests get 429
             and ``retry-after``. Times are sent in (fractional) seconds.
+        whole_seconds: send rate-limit times rounded up to whole seconds, as the real
+            server does (by default they carry milliseconds, so that tests can use short
+            windows).
         fail_rate: the share of requests answered with a random 500/502/503.
         seed: seeds the random failures, for reproducible runs.
         on_request: called with each request once it is answered (or dropped).
@@ -113,6 +117,7 @@ class LocalOpenPanel:
         path_prefix: str = "",
         response_delay: float = 0.0,
         rate_limit: tuple[int, float] | None = None,
+        whole_seconds: bool = False,
         fail_rate: float = 0.0,
         seed: int | None = None,
         on_request: Callable[[ReceivedRequest], None] | None = None,
@@ -125,6 +130,7 @@ class LocalOpenPanel:
         self.path_prefix = path_prefix.rstrip("/")
         self.response_delay = response_delay
         self.rate_limit = rate_limit
+        self.whole_seconds = whole_seconds
         self.fail_rate = fail_rate
         self.requests: list[ReceivedRequest] = []
         self.on_request = on_request
@@ -344,14 +350,15 @@ class LocalOpenPanel:
             self._window_count = 0
         self._window_count += 1
         reset = max(0.0, self._window_start + window - now)
+        reset_text = str(math.ceil(reset)) if self.whole_seconds else f"{reset:.3f}"
         headers = {
             "x-ratelimit-limit": str(limit),
             "x-ratelimit-remaining": str(max(0, limit - self._window_count)),
-            "x-ratelimit-reset": f"{reset:.3f}",
+            "x-ratelimit-reset": reset_text,
         }
         limited = self._window_count > limit
         if limited:
-            headers["retry-after"] = f"{reset:.3f}"
+            headers["retry-after"] = reset_text
         return headers, limited
 
 
