@@ -30,6 +30,10 @@ from typing import IO, Any, cast
 import pytest
 
 from openpanel_async import __version__, _cli
+from openpanel_async._cli._common import Target, make_client
+from openpanel_async._cli._import import IMPORT_RETRY, Importer
+from openpanel_async._cli._input import LongLine, Source, split_lines
+from openpanel_async._cli._parser import parse_property, parse_rate
 from openpanel_async.testing import LocalOpenPanel, ReceivedRequest, Reply
 
 CLIENT_ID = "5f1c1c1e-0000-4000-8000-00000000abcd"
@@ -599,13 +603,13 @@ def test_a_read_error_delivers_what_was_read_then_fails(
     """In process: a read error cannot be provoked from outside on every system."""
     line = envelope("track", {"name": "before_the_error"}) + "\n"
     stream = cast(IO[bytes], FailingInput(line.encode()))
-    importer = _cli.Importer(
-        _cli.Source(stream, "flaky.jsonl", None), None, None, progress=False, shutdown_timeout=1
+    importer = Importer(
+        Source(stream, "flaky.jsonl", None), None, None, progress=False, shutdown_timeout=1
     )
-    client = _cli.make_client(
-        _cli.Target(local.server.url, CLIENT_ID, CLIENT_SECRET),
+    client = make_client(
+        Target(local.server.url, CLIENT_ID, CLIENT_SECRET),
         on_error=importer.on_error,
-        retry=_cli.IMPORT_RETRY,
+        retry=IMPORT_RETRY,
         request_timeout=2.0,
         shutdown_timeout=1.0,
     )
@@ -800,7 +804,7 @@ def test_demo_with_credentials_sends_a_small_set_to_the_project(local: ServerThr
     ],
 )  # fmt: skip
 def test_prop_values_are_json_when_they_parse(text: str, value: object) -> None:
-    assert _cli.parse_property(f"key={text}") == ("key", value)
+    assert parse_property(f"key={text}") == ("key", value)
 
 
 @pytest.mark.parametrize(
@@ -809,10 +813,10 @@ def test_prop_values_are_json_when_they_parse(text: str, value: object) -> None:
      ("3/0.5s", (3, 0.5)), ("7/m", (7, 60.0))],
 )  # fmt: skip
 def test_rate_limits(text: str, rate: tuple[int, float]) -> None:
-    assert _cli.parse_rate(text) == rate
+    assert parse_rate(text) == rate
 
 
 def test_lines_split_across_chunks_and_overlong_lines() -> None:
     chunks = [b'{"a"', b':1}\n\n{"b":2}\r\n' + b"x" * 10, b"y" * 10 + b"\nlast"]
-    lines = [line for batch in _cli.split_lines(chunks, max_line=15) for line in batch]
-    assert lines == [b'{"a":1}', b"", b'{"b":2}\r', _cli.LongLine(20), b"last"]
+    lines = [line for batch in split_lines(chunks, max_line=15) for line in batch]
+    assert lines == [b'{"a":1}', b"", b'{"b":2}\r', LongLine(20), b"last"]
