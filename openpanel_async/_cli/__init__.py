@@ -69,3 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_FAILURE
+    except OSError as exc:
+        # Output that cannot be written (a full disk, a closed stream): one line, no
+        # traceback. Network errors never get here: the client handles them.
+        error_line(f"cannot write output: {exc.strerror or exc}")
+        return EXIT_FAILURE
