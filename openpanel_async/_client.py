@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from types import MappingProxyType, TracebackType
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 from urllib.parse import urlsplit
 
 import msgspec
@@ -135,6 +135,8 @@ class OpenPanel:
         self._before_send = before_send
         self._hook_error_logged = False
         self._disabled = bool(disabled)
+        # No hook and not disabled: track() may take its inlined fast path.
+        self._plain = before_send is None and not self._disabled
         self._transport = transport
         self._max_concurrency = max_concurrency
         self._request_timeout = float(request_timeout)
@@ -398,10 +400,7 @@ class OpenPanel:
                 order_key = event.order_key()
         body = encode_event(event)
         if len(body) > self._max_event_bytes:
-            raise InvalidEventError(
-                f"{event.wire_type}: the encoded event is {len(body)} bytes, more than "
-                f"max_event_bytes={self._max_event_bytes}"
-            )
+            self._refuse_size(event, body)
         if client_ip is not None:
             _check_header_value(client_ip, "client_ip")
         if user_agent is not None:
@@ -410,6 +409,12 @@ class OpenPanel:
             self._acc.count_drop(DROP_DISABLED)
             return None
         return Item(body, event.wire_type, order_key, client_ip, user_agent)
+
+    def _refuse_size(self, event: Event, body: bytes) -> NoReturn:
+        raise InvalidEventError(
+            f"{event.wire_type}: the encoded event is {len(body)} bytes, more than "
+            f"max_event_bytes={self._max_event_bytes}"
+        )
 
     def _enqueue(
         self, event: Event, order_key: str | None, client_ip: str | None, user_agent: str | None
@@ -511,10 +516,17 @@ class OpenPanel:
             profile_id=UNSET if profile_id is None else profile_id,
             groups=UNSET if groups is None else groups,  # type: ignore[arg-type]
         )
-        # _enqueue(), inlined: this is the hottest path of the library.
-        item = self._submit(event, None, client_ip, user_agent)
-        if item is None:
-            return self._disabled
+        # _enqueue() and, in the common case, _submit(), inlined: the hottest path.
+        if self._plain and client_ip is None and user_agent is None:
+            body = encode_event(event)
+            if len(body) > self._max_event_bytes:
+                self._refuse_size(event, body)
+            item = Item(body, "track", None, None, None)
+        else:
+            submitted = self._submit(event, None, client_ip, user_agent)
+            if submitted is None:
+                return self._disabled
+            item = submitted
         if self._sender is None:
             self._start_if_on_a_loop()
         return self._acc.put(item)
