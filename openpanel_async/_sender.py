@@ -35,6 +35,7 @@ from ._accumulator import (
     Accumulator,
     Item,
 )
+from ._http11 import Http11Transport
 from ._log import Throttle, logger
 from ._outcome import Verdict, classify, server_message
 from ._retry import RetryPolicy
@@ -73,6 +74,7 @@ class Sender:
         idle_timeout: float,
         on_orphaned: Callable[[Sender], None] | None = None,
         transport: Transport | None = None,
+        http_client: str = "aiohttp",
     ) -> None:
         self._acc = accumulator
         self._on_orphaned = on_orphaned
@@ -102,11 +104,12 @@ class Sender:
 
         self._loop = asyncio.get_running_loop()
         self._thread_id = threading.get_ident()
-        self._transport: Transport = (
-            transport
-            if transport is not None
-            else AiohttpTransport(max_connections=max_concurrency, request_timeout=request_timeout)
-        )
+        if transport is None:
+            transport_class = Http11Transport if http_client == "builtin" else AiohttpTransport
+            transport = transport_class(
+                max_connections=max_concurrency, request_timeout=request_timeout
+            )
+        self._transport: Transport = transport
         self._transport_closed = False
         self._workers: set[asyncio.Task[None]] = set()
         self._current: dict[asyncio.Task[None], Item] = {}

@@ -21,6 +21,10 @@ FAST_RETRY = RetryPolicy(
 )
 
 
+# Which HTTP client make_client() uses; test_delivery.py runs every test with both.
+HTTP_CLIENT = {"name": "aiohttp"}
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
@@ -40,6 +44,7 @@ def make_client(server: LocalOpenPanel, **kwargs: object) -> OpenPanel:
         "retry": FAST_RETRY,
         "request_timeout": 2.0,
         "shutdown_timeout": 2.0,
+        "http_client": HTTP_CLIENT["name"],
     }
     options.update(kwargs)
     return OpenPanel(**options)  # type: ignore[arg-type]

@@ -252,6 +252,7 @@ async def test_oversized_event_is_refused_at_call_site(server: LocalOpenPanel) -
         ({"request_timeout": float("inf")}, "request_timeout: must be a finite"),
         ({"retry": {"max_attempts": 3}}, "retry: must be a RetryPolicy"),
         ({"on_error": 3}, "on_error: must be callable"),
+        ({"http_client": "curl"}, "http_client: must be one of aiohttp, builtin"),
     ],
 )
 def test_bad_configuration_raises_config_error(kwargs: dict[str, Any], message: str) -> None:

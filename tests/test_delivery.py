@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -20,9 +21,17 @@ from openpanel_async import (
 )
 from openpanel_async.testing import LocalOpenPanel, Reply
 
-from .conftest import FAST_RETRY, assert_accounted, make_client
+from .conftest import FAST_RETRY, HTTP_CLIENT, assert_accounted, make_client
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True, params=["aiohttp", "builtin"])
+def http_client(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every delivery scenario, with each HTTP client the library offers."""
+    HTTP_CLIENT["name"] = request.param
+    yield request.param
+    HTTP_CLIENT["name"] = "aiohttp"
 
 
 async def test_concurrency_reaches_but_never_exceeds_max(server: LocalOpenPanel) -> None:
