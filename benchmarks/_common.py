@@ -88,7 +88,12 @@ def client_headers() -> dict[str, str]:
     }
 
 
+# The library's HTTP client for this run: --http-client (default: the library's default).
+HTTP_CLIENT = {"name": "aiohttp"}
+
+
 def make_client(url: str, **options: Any) -> OpenPanel:
+    options.setdefault("http_client", HTTP_CLIENT["name"])
     return OpenPanel(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, api_url=url, **options)
 
 
@@ -388,9 +393,17 @@ def parse_args(
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    parser.add_argument(
+        "--http-client",
+        choices=("aiohttp", "builtin"),
+        default="aiohttp",
+        help="the library's HTTP client to measure (OpenPanel(http_client=...))",
+    )
     if setup is not None:
         setup(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    HTTP_CLIENT["name"] = args.http_client
+    return args
 
 
 def finish(report: Report, json_path: Path | None) -> dict[str, Any]:

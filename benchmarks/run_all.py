@@ -84,6 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, default=HERE / "results" / "latest.json")
     parser.add_argument("--compare", type=Path, help="older results JSON to compare with")
+    parser.add_argument(
+        "--http-client",
+        choices=("aiohttp", "builtin"),
+        default="aiohttp",
+        help="the library's HTTP client to measure (OpenPanel(http_client=...))",
+    )
     args = parser.parse_args(argv)
 
     names = SCRIPTS
@@ -100,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for name in names:
         print(f"\n### {name}{' --quick' if args.quick else ''}", flush=True)
-        results.append(_run_script(name, args.quick, []))
+        results.append(_run_script(name, args.quick, ["--http-client", args.http_client]))
 
     rows: list[dict[str, Any]] = []
     for result in results:
