@@ -351,6 +351,9 @@ class OpenPanel:
         item = self._prepare(event, client_ip, user_agent)
         if item is None:
             return
+        if self._closed and self._sender is None:
+            self._acc.count_drop(DROP_CLOSED)
+            raise ClientClosedError("the client is closed")
         sender = self._start_on_running_loop()
         acc = self._acc
         loop = sender.loop

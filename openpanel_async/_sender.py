@@ -241,7 +241,7 @@ class Sender:
                             # more yet: wait a moment for one rather than guess.
                             await asyncio.sleep(_BUDGET_POLL)
                         else:
-                            self._pause(self._retry.server_wait(self._budget_until - now))
+                            self._pause_as_asked(self._budget_until - now)
                         continue
                 item = self._take()
                 if item is None:
@@ -377,6 +377,17 @@ class Sender:
         if until > self._paused_until:
             self._paused_until = until
 
+    def _pause_as_asked(self, requested: float) -> None:
+        """Pause for a wait the server asked for, with jitter added once.
+
+        Many answers (or workers) report the same window at about the same time; jittering
+        each and keeping the longest would always land at the top of the jitter range.
+        """
+        requested = min(requested, self._retry.max_retry_after)
+        if self._paused_until >= self._loop.time() + requested:
+            return
+        self._pause(self._retry.server_wait(requested))
+
     def _read_budget(self, headers: Mapping[str, str]) -> None:
         budget = _ratelimit.window_budget(headers, time.time())
         if budget is None:
@@ -418,16 +429,31 @@ class Sender:
         heapq.heappush(self._retries, (due, next(self._retry_seq), item))
         self._promote_due_retries(self._loop.time())
 
+    def _refuse_retry(self, item: Item) -> bool:
+        """After a 401 nothing is sent again: an event that needs a retry fails instead."""
+        if self.state != "unauthorized":
+            return False
+        self._fail(
+            item,
+            AuthenticationError,
+            "unauthorized",
+            "not retried: the server refused the credentials",
+        )
+        return True
+
     def _rate_limited(self, item: Item, headers: Mapping[str, str], message: str | None) -> None:
         self.rate_limited += 1
+        if self._refuse_retry(item):
+            return
         item.attempts -= 1  # waiting out a rate limit does not use up an attempt
         item.rate_limited += 1
         requested = _ratelimit.requested_wait(headers, time.time())
         if requested is None:
             wait = self._retry.backoff(item.rate_limited)
+            self._pause(wait)
         else:
-            wait = self._retry.server_wait(requested)
-        self._pause(wait)
+            wait = min(requested, self._retry.max_retry_after)
+            self._pause_as_asked(wait)
         self._shrink_concurrency()
         now = self._loop.time()
         due = max(self._paused_until, now + wait)
@@ -453,6 +479,8 @@ class Sender:
         cause: BaseException | None,
         attempt_cap: int,
     ) -> None:
+        if self._refuse_retry(item):
+            return
         retry = self._retry
         max_attempts = min(retry.max_attempts, attempt_cap) if attempt_cap else retry.max_attempts
         now = self._loop.time()
