@@ -19,11 +19,9 @@ HTTP/1.1 needs for that one job, in about a third of that CPU time:
 * Connections are opened lazily, at most ``max_connections`` at once (callers beyond that
   wait, under the same deadline), and reused last-in-first-out so that surplus connections
   age out: an idle connection older than ``_IDLE_EXPIRY`` (or the server's ``Keep-Alive:
-  timeout``) is closed instead of reused. A request that fails on a reused connection
-  before any byte of the answer arrived (the server closed it while idle: a race every
-  keep-alive client meets) is sent once more on a new connection. This is a POST: if the
-  server did process it and then closed without a word, it gets the event twice, the same
-  risk as the caller's own retry after any network error.
+  timeout``) is closed instead of reused, and so is one the server has already closed.
+  A request that fails because the server closed the connection as it arrived (a race
+  every keep-alive client meets) raises: the caller's counted retry sends it again.
 * ``request_timeout`` bounds each ``post()`` as a whole: waiting for a connection,
   connecting (and the TLS handshake), writing, and reading the complete response. A
   connection interrupted by the timeout, a cancellation or any error is aborted, never
@@ -191,29 +189,19 @@ class Http11Transport:
             raise
 
     async def _exchange(self, data: bytes) -> TransportResponse:
-        fresh = False
-        while True:
-            conn = await self._acquire(fresh)
-            reused = conn.requests > 0
-            try:
-                response = await conn.send(data)
-            except ConnectionClosedError:
-                # Closed before any byte of the answer, on a connection that had served
-                # requests: the server most likely dropped it while idle and never saw
-                # this request. One retry, on a new connection; anything else is final.
-                retry = reused and not fresh and not conn.got_bytes and not self._closed
-                self._discard(conn, abort=True)
-                if retry:
-                    fresh = True
-                    continue
-                raise
-            except BaseException:
-                # Errors, the deadline and cancellation alike: the connection may be
-                # half-written or half-read, so it is never reused.
-                self._discard(conn, abort=True)
-                raise
-            self._release(conn)
-            return response
+        conn = await self._acquire()
+        try:
+            response = await conn.send(data)
+        except BaseException:
+            # Errors, the deadline and cancellation alike: the connection may be
+            # half-written or half-read, so it is never reused. A connection the server
+            # closed as our request arrived is not retried here either: the server may
+            # have read it, and every repeated request must be the sender's own counted
+            # retry (stats().retries, DeliveryError.attempts).
+            self._discard(conn, abort=True)
+            raise
+        self._release(conn)
+        return response
 
     # --- encoding ----------------------------------------------------------------------------
 
@@ -309,7 +297,7 @@ class Http11Transport:
 
     # --- the pool ----------------------------------------------------------------------------
 
-    async def _acquire(self, fresh: bool) -> _Connection:
+    async def _acquire(self) -> _Connection:
         """A connection holding a slot: idle (LIFO), new, or handed over by a release."""
         loop = self._loop
         assert loop is not None
@@ -317,24 +305,14 @@ class Http11Transport:
             if self._closed:
                 raise RuntimeError("Http11Transport was closed")
             idle = self._idle
-            if idle:
-                if fresh:
-                    # A retry after a stale connection: make room for a new one rather than
-                    # trust another connection that sat idle as long.
-                    if self._count >= self._max:
-                        oldest = idle.popleft()
-                        oldest.in_pool = False
-                        oldest.close()
-                        self._free_slot()
-                else:
-                    now = loop.time()
-                    while idle:
-                        conn = idle.pop()
-                        conn.in_pool = False
-                        if now - conn.idle_since < conn.idle_limit:
-                            return conn
-                        conn.close()  # expired; those below it are older still
-                        self._free_slot()
+            now = loop.time()
+            while idle:
+                conn = idle.pop()
+                conn.in_pool = False
+                if now - conn.idle_since < conn.idle_limit:
+                    return conn
+                conn.close()  # expired; those below it are older still
+                self._free_slot()
             if self._count < self._max:
                 self._count += 1
                 return await self._connect()

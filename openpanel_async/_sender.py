@@ -241,7 +241,10 @@ class Sender:
                             # more yet: wait a moment for one rather than guess.
                             await asyncio.sleep(_BUDGET_POLL)
                         else:
-                            self._pause_as_asked(self._budget_until - now)
+                            # Our own pacing to a known window end: no jitter. Clients
+                            # sharing the limit may all start at the boundary; the
+                            # window's count, not its first instant, is what is limited.
+                            self._pause(self._budget_until - now)
                         continue
                 item = self._take()
                 if item is None:
