@@ -532,7 +532,7 @@ class Sender:
         )
         logger.error(
             "openpanel_async: the server refused the credentials (%d): %s. Sending stopped; "
-            "%d pending events failed and new events are dropped.",
+            "%d events failed (and any still in flight will), new events are dropped.",
             status,
             message,
             failed + 1,
@@ -683,6 +683,8 @@ class Sender:
 
     @property
     def paused_for(self) -> float:
+        if self._stopping:
+            return 0.0  # nothing will be sent any more: there is no pause to wait out
         return max(0.0, self._paused_until - self._loop.time())
 
     @property
