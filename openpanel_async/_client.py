@@ -67,6 +67,7 @@ _UUID_RE = re.compile(
     r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE | re.ASCII
 )
 _BAD_HEADER_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_USERINFO_RE = re.compile(r"//[^/?#]*@")
 _EVENT_CLASSES = frozenset({Track, Identify, Increment, Decrement, Group, AssignGroup})
 
 
@@ -256,9 +257,11 @@ class OpenPanel:
         if self._closed:
             return
         try:
-            asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # a thread without a loop: the event waits for the client to start
+        if self._orphan is not None and self._orphan.loop is loop:
+            return  # this loop is shutting down: the event waits for the next one
         self._start_on_running_loop()
 
     async def aclose(self) -> None:
@@ -269,6 +272,9 @@ class OpenPanel:
         ``shutdown_timeout``. Idempotent; safe to call from a cancelled task (the
         cancellation is re-raised once the shutdown has been started).
         """
+        sender = self._sender
+        if sender is not None and sender.loop.is_closed() and not self._closed:
+            self._start_on_running_loop()  # its loop was closed under it: adopt its events
         if self._sender is None:
             if self._acc.pending and not self._closed:
                 # Events were tracked before the client ever started: deliver them now.
@@ -652,8 +658,9 @@ class OpenPanel:
 
         Returns False if that did not happen within ``timeout`` seconds.
         """
-        if self._sender is None and not self._closed:
-            self._start_on_running_loop()
+        sender = self._sender
+        if not self._closed and (sender is None or sender.loop.is_closed()):
+            self._start_on_running_loop()  # starts, or adopts a sender whose loop is gone
         sender = self._sender
         if sender is None:
             return self._acc.pending == 0
@@ -705,13 +712,14 @@ def _check_api_url(api_url: object) -> str:
     if not isinstance(api_url, str):
         raise ConfigError(f"api_url: must be a str, not {type(api_url).__name__}")
     url = api_url.strip().rstrip("/")
+    shown = _USERINFO_RE.sub("//***@", url)  # never echo a password given in the URL
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for an invalid port
     except ValueError:
-        raise ConfigError(f"api_url: {api_url!r} is not a valid URL") from None
+        raise ConfigError(f"api_url: {shown!r} is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"api_url: {api_url!r} must be an http:// or https:// URL with a host")
+        raise ConfigError(f"api_url: {shown!r} must be an http:// or https:// URL with a host")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ConfigError(
             "api_url: must not carry a query, a fragment or credentials (only a path prefix)"

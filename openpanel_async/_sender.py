@@ -181,6 +181,8 @@ class Sender:
         if threading.get_ident() == self._thread_id:
             if not self._idle and len(self._workers) >= self._limit:
                 return  # every worker is busy and takes the next event itself when done
+            if self._loop.is_closed():
+                return  # the event stays queued; the next loop to use the client sends it
             self._kick_scheduled = True
             self._loop.call_soon(self._kick)
         else:
@@ -237,6 +239,11 @@ class Sender:
                         self._budget_until = math.inf
                     elif self._budget <= 0:
                         if self._budget_until == math.inf:
+                            if self.in_flight == 0:
+                                # No answer can come to tell us more (those requests
+                                # failed on the network): stop guessing, send again.
+                                self._budget = None
+                                continue
                             # A fresh window's budget is spent and no answer has told us
                             # more yet: wait a moment for one rather than guess.
                             await asyncio.sleep(_BUDGET_POLL)
@@ -394,8 +401,11 @@ class Sender:
     def _read_budget(self, headers: Mapping[str, str]) -> None:
         budget = _ratelimit.window_budget(headers, time.time())
         if budget is None:
+            self._budget = None  # nothing usable to pace by
             return
         remaining, reset = budget
+        # A window longer than we accept to wait is treated as that long, like Retry-After.
+        reset = min(reset, self._retry.max_retry_after)
         now = self._loop.time()
         # Requests still in flight were sent after the server counted this one.
         self._budget = remaining - self.in_flight

@@ -39,8 +39,9 @@ def _delegate(
     name = method.__name__
 
     def call(self: SyncOpenPanel, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        if self._loop is None:
+        if self._loop is None and not self._closed:
             self._ensure_running()
+        # Once closed, the async client drops (and counts) what is sent; it never raises.
         result: R = getattr(self._client, name)(*args, **kwargs)
         return result
 
@@ -149,7 +150,9 @@ class SyncOpenPanel:
             asyncio.run(self._client.aclose())
             return
         try:
-            self._call(self._client.aclose(), self._shutdown_timeout)
+            # aclose() may use the drain timeout plus a second each to stop the workers and
+            # to close the transport: allow for both before giving up on the thread.
+            self._call(self._client.aclose(), self._shutdown_timeout + 2 * _GRACE)
         finally:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(_GRACE)

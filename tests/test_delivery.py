@@ -494,3 +494,32 @@ async def test_pacing_with_whole_second_reset_headers() -> None:
     assert statuses.count(429) <= 2
     # ~1.0 s + ~0.45 s for the second window; trusting the rounded header alone: ~1.9 s.
     assert 1.0 <= elapsed < 1.7
+
+
+async def test_budget_pacing_never_stalls_when_answers_fail(server: LocalOpenPanel) -> None:
+    # A window of 2 opens; both of its requests fail on the network, so no answer ever
+    # reports the new budget. Sending must go on, not wait for an answer forever.
+    limits = {"x-ratelimit-limit": "2", "x-ratelimit-remaining": "1", "x-ratelimit-reset": "0.1"}
+    server.script(Reply(status=200, headers=limits), Reply(drop=True), Reply(drop=True))
+    async with make_client(server, max_concurrency=2) as op:
+        op.track("e1")
+        assert await op.flush(timeout=2)
+        await asyncio.sleep(0.15)  # that window is over; the next one is assumed to hold 2
+        op.track("e2")
+        op.track("e3")
+        assert await op.flush(timeout=3)
+        stats = op.stats()
+    assert (stats.delivered, stats.failed) == (3, 0)
+
+
+async def test_a_huge_reset_is_capped_by_max_retry_after(server: LocalOpenPanel) -> None:
+    limits = {"x-ratelimit-limit": "5", "x-ratelimit-remaining": "0", "x-ratelimit-reset": "86000"}
+    server.script(Reply(status=200, headers=limits))
+    policy = RetryPolicy(wait_initial=0.01, wait_max=0.02, wait_jitter=0, max_retry_after=0.2)
+    async with make_client(server, retry=policy, max_concurrency=1) as op:
+        op.track("one")
+        assert await op.flush(timeout=2)
+        assert op.stats().paused_for <= 0.2
+        op.track("two")
+        assert await op.flush(timeout=2)
+    assert [r.status for r in server.requests] == [200, 200]

@@ -158,3 +158,4 @@ def test_client_outlives_its_event_loop() -> None:
     assert asyncio.run(second_loop()) == ["first0", "first1", "first2", "second"]
     stats = op.stats()
     assert (stats.accepted, stats.delivered, stats.pending) == (4, 4, 0)
+
