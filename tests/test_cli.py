@@ -122,6 +122,11 @@ def local(server_thread: ServerThread) -> Iterator[ServerThread]:
     yield server_thread
     server.rate_limit = None
     server.response_delay = 0.0
+    # A killed subprocess leaves requests sleeping in the server's handlers; let them end
+    # before the reset, or they would be recorded into the next test.
+    deadline = time.monotonic() + 5
+    while server_thread.on_loop(lambda: server.in_flight) and time.monotonic() < deadline:
+        time.sleep(0.01)
     server_thread.on_loop(server.reset)
 
 
