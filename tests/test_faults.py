@@ -943,7 +943,8 @@ async def test_retries_back_off_to_their_cap(server: LocalOpenPanel) -> None:
     # ...and spread over [0, cap] (uniform: median cap / 2), reaching the cap, not beyond.
     assert 0.4 * cap < median < 0.8 * cap, report
     assert capped[-1] > 0.8 * cap, report
-    assert p95 < cap + 0.03, report
+    # Not beyond: the next doubling would be 2 x cap; allow for a loaded machine's latency.
+    assert p95 < 1.5 * cap, report
 
 
 # --- 7. random interleavings (hypothesis) --------------------------------------------------------
