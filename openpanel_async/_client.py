@@ -392,12 +392,7 @@ class OpenPanel:
             event = msgspec.structs.replace(event, properties=merged)
         if event_class is Track:
             event = stamp_track(event)  # type: ignore[arg-type]
-        context = _current_context.get()
-        if context is not None:
-            if client_ip is None:
-                client_ip = context.client_ip
-            if user_agent is None:
-                user_agent = context.user_agent
+        client_ip, user_agent = _with_context(client_ip, user_agent)
         return self._submit(event, event.order_key(), client_ip, user_agent)
 
     def _submit(
@@ -552,12 +547,7 @@ class OpenPanel:
         self, event: Event, client_ip: str | None, user_agent: str | None
     ) -> bool:
         """Queue a profile or group event with the IP and user agent of the current context."""
-        context = _current_context.get()
-        if context is not None:
-            if client_ip is None:
-                client_ip = context.client_ip
-            if user_agent is None:
-                user_agent = context.user_agent
+        client_ip, user_agent = _with_context(client_ip, user_agent)
         return self._enqueue(event, event.order_key(), client_ip, user_agent)
 
     def identify(
@@ -737,6 +727,19 @@ def _check_seconds(name: str, value: object, *, allow_zero: bool) -> None:
         raise ConfigError(f"{name}: must be a finite number of seconds, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _with_context(
+    client_ip: str | None, user_agent: str | None
+) -> tuple[str | None, str | None]:
+    """The end user's IP and user agent: the arguments, else the current event context's."""
+    context = _current_context.get()
+    if context is None:
+        return client_ip, user_agent
+    return (
+        context.client_ip if client_ip is None else client_ip,
+        context.user_agent if user_agent is None else user_agent,
+    )
 
 
 def _checked_global_properties(properties: object) -> dict[str, Any] | None:
