@@ -22,6 +22,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from _common import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    HTTP_CLIENT,
     TYPICAL_NAME,
     TYPICAL_PROFILE_ID,
     TYPICAL_PROPERTIES,
@@ -35,6 +38,8 @@ from _common import (
     quiet_library_logs,
 )
 from _server import BenchServer, ServerOptions
+
+from openpanel_async import SyncOpenPanel
 
 TICK = 0.001
 
@@ -107,7 +112,13 @@ async def _produce(track: Callable[[], object], rate: float, duration: float) ->
     return made
 
 
+# --threaded: measure SyncOpenPanel (delivery on its own thread and loop) from async code.
+THREADED = {"on": False}
+
+
 async def _library_phase(url: str, rate: float, duration: float) -> dict[str, Any]:
+    if THREADED["on"]:
+        return await _threaded_phase(url, rate, duration)
     name, props, pid = TYPICAL_NAME, TYPICAL_PROPERTIES, TYPICAL_PROFILE_ID
     op = make_client(url, shutdown_timeout=2.0)
     await op.start()
@@ -129,6 +140,44 @@ async def _library_phase(url: str, rate: float, duration: float) -> dict[str, An
         "lags_ns": ticker.lags_ns,
         "window_s": duration,
         "offered": made,
+        "delivered_in_window": in_window,
+        "accepted": accepted,
+        "delivered": stats.delivered,
+        "dropped": stats.dropped,
+        "failed": stats.failed,
+        "flushed": int(flushed),
+        "cpu_s": cpu,
+    }
+
+
+async def _threaded_phase(url: str, rate: float, duration: float) -> dict[str, Any]:
+    name, props, pid = TYPICAL_NAME, TYPICAL_PROPERTIES, TYPICAL_PROFILE_ID
+    op = SyncOpenPanel(
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        api_url=url,
+        shutdown_timeout=2.0,
+        http_client=HTTP_CLIENT["name"],
+    )
+    accepted = 0
+
+    def track() -> None:
+        nonlocal accepted
+        accepted += op.track(name, props, profile_id=pid)
+
+    track()  # starts the delivery thread outside the measured window
+    cpu0 = time.thread_time()  # this (the caller's) thread only
+    with Ticker() as ticker:
+        made = await _produce(track, rate, duration)
+    in_window = op.stats().delivered
+    flushed = await asyncio.to_thread(op.flush, 15.0)
+    cpu = time.thread_time() - cpu0
+    stats = op.stats()
+    await asyncio.to_thread(op.close)
+    return {
+        "lags_ns": ticker.lags_ns,
+        "window_s": duration,
+        "offered": made + 1,
         "delivered_in_window": in_window,
         "accepted": accepted,
         "delivered": stats.delivered,
@@ -184,8 +233,14 @@ async def _measure(
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def setup(parser: Any) -> None:
         parser.add_argument("--duration", type=float, default=None, help="seconds per rate")
+        parser.add_argument(
+            "--threaded",
+            action="store_true",
+            help="measure SyncOpenPanel: delivery on its own thread and event loop",
+        )
 
     args = parse_args(__doc__ or "", argv, setup)
+    THREADED["on"] = args.threaded
     quick: bool = args.quick
     duration = args.duration or (1.0 if quick else 5.0)
     baseline_duration = min(duration, 1.0 if quick else 2.5)
