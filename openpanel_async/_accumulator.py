@@ -105,7 +105,7 @@ class Accumulator:
 
     @property
     def pending(self) -> int:
-        return self.accepted - self.delivered - self.failed
+        return self._pending  # == accepted - delivered - failed, kept under the lock
 
     @property
     def refusing(self) -> str | None:

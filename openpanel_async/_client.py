@@ -658,7 +658,7 @@ class OpenPanel:
         if sender.loop is not loop:
             raise RuntimeError("flush() must be awaited on the client's event loop")
         done = self._acc.flush_waiter(loop)
-        sender.wake()
+        sender.notify()
         try:
             async with asyncio.timeout(timeout):
                 await done

@@ -39,11 +39,11 @@ class _Payload(
     msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, rename="camel", eq=True
 ):
     wire_type: ClassVar[str]
-    # Profile operations for one profile must reach the server in call order; the delivery
-    # engine uses this key to serialise them. None: no ordering constraint.
-    ordered: ClassVar[bool] = False
 
     def order_key(self) -> str | None:
+        """Profile operations for one profile must reach the server in call order; the
+        delivery engine serialises events with the same key. None: no ordering constraint.
+        """
         return None
 
 

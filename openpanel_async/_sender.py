@@ -701,9 +701,6 @@ class Sender:
     def loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
 
-    def wake(self) -> None:
-        self.notify()
-
     def detach_unsettled(self) -> list[Item]:
         """Everything accepted and unsettled outside the accumulator, oldest first.
 
