@@ -59,17 +59,22 @@ class Accumulator:
         self.dropped: dict[str, int] = {}
         self.unexpected_drops = 0  # drops not in QUIET_DROPS; the sender reports these
         self.failed_by_reason: dict[str, int] = {}
-        # Set by the sender once it runs; called (outside the lock) after each accepted put.
+        # Set by the sender once it runs: put() calls notify (outside the lock) while
+        # notify_wanted is set. The sender clears the flag while a wake-up is already on
+        # its way, so a burst of events costs one attribute check each, not one call.
         self.notify: Callable[[], None] | None = None
+        self.notify_wanted = False
         self._lock = threading.Lock()
         self._refusing: str | None = None  # drop reason once intake has stopped
         self._pending = 0  # accepted - delivered - failed, kept for a cheap bound check
         # flush() bookkeeping: events are stamped with the current epoch; a flush closes
         # the epoch and waits until no event of it, or of any earlier one, is unsettled.
-        # The open epoch's count is a plain int (the hot path bumps it); closed epochs with
-        # unsettled events are in _outstanding, oldest first.
+        # The open epoch's unsettled count is derived when it closes (accepted since it
+        # opened, less those of it settled), so the hot path only stamps the epoch; closed
+        # epochs with unsettled events are in _outstanding, oldest first.
         self._epoch = 0
-        self._open_count = 0
+        self._epoch_opened_at = 0  # self.accepted when the open epoch began
+        self._open_settled = 0
         self._outstanding: dict[int, int] = {}
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._room_waiters: deque[asyncio.Future[None]] = deque()
@@ -78,23 +83,27 @@ class Accumulator:
 
     def put(self, item: Item, count_drop: bool = True) -> bool:
         """Queue ``item``; False (and, unless told otherwise, a counted drop) when refused."""
-        with self._lock:
-            reason = self._refusing
-            if reason is None and self._pending >= self.max_size:
-                reason = DROP_QUEUE_FULL
-            if reason is not None:
+        # acquire/release rather than "with": this runs once per event, and the context
+        # manager protocol costs more than everything else done under the lock.
+        lock = self._lock
+        lock.acquire()
+        try:
+            if self._refusing is not None or self._pending >= self.max_size:
                 if count_drop:
+                    reason = self._refusing or DROP_QUEUE_FULL
                     self.dropped[reason] = self.dropped.get(reason, 0) + 1
                     self.unexpected_drops += 1
                 return False
             self.accepted += 1
             self._pending += 1
-            self._open_count += 1
             item.epoch = self._epoch
             self.ready.append(item)
-        notify = self.notify
-        if notify is not None:
-            notify()
+        finally:
+            lock.release()
+        if self.notify_wanted:
+            notify = self.notify
+            if notify is not None:
+                notify()
         return True
 
     def count_drop(self, reason: str) -> None:
@@ -145,7 +154,7 @@ class Accumulator:
                     self.failed_by_reason[reason] = self.failed_by_reason.get(reason, 0) + 1
             self._pending -= 1
             if epoch == self._epoch:
-                self._open_count -= 1
+                self._open_settled += 1
             else:
                 left = self._outstanding[epoch] - 1
                 if left:
@@ -166,10 +175,12 @@ class Accumulator:
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:
             target = self._epoch
-            if self._open_count:
-                self._outstanding[target] = self._open_count
-            self._open_count = 0
+            unsettled = self.accepted - self._epoch_opened_at - self._open_settled
+            if unsettled:
+                self._outstanding[target] = unsettled
             self._epoch += 1
+            self._epoch_opened_at = self.accepted
+            self._open_settled = 0
         self._flush_waiters.append((target, future))
         self._wake_flushers()
         return future

@@ -87,9 +87,7 @@ def event_context(
         _current.reset(token)
 
 
-def set_identity(
-    profile_id: ProfileId | None = None, groups: Sequence[str] | None = None
-) -> None:
+def set_identity(profile_id: ProfileId | None = None, groups: Sequence[str] | None = None) -> None:
     """Set the profile (and groups) for the rest of the current request.
 
     Inside a request handled by the middleware this updates that request's own context,

@@ -127,6 +127,7 @@ class Sender:
         self._close_task: asyncio.Task[None] | None = None
 
         accumulator.notify = self.notify
+        accumulator.notify_wanted = True
         if accumulator.ready:
             self.notify()
         # Closes the session if the loop shuts down under us (asyncio.run() ending without
@@ -152,6 +153,7 @@ class Sender:
             self._retry_timer.cancel()
             self._retry_timer = None
         if self._acc.notify == self.notify:
+            self._acc.notify_wanted = False
             self._acc.notify = None
         if self._on_orphaned is not None:
             self._on_orphaned(self)
@@ -171,30 +173,35 @@ class Sender:
     # --- waking workers ---------------------------------------------------------------
 
     def notify(self) -> None:
-        """Called after each accepted event, from any thread: schedule one ``_kick``.
+        """Called after accepted events, from any thread: schedule one ``_kick``.
 
-        The flag coalesces a burst of events into one wake-up per loop iteration, so the
-        hot path pays for ``call_soon`` once per burst rather than once per event.
+        Coalesces a burst of events into one wake-up per loop iteration: while a kick is
+        scheduled the accumulator stops calling this at all, so the hot path pays for
+        ``call_soon`` once per burst rather than once per event. (When every worker is
+        busy the kick finds nothing to do; it still runs, once, so that the flag clears.)
         """
         if self._kick_scheduled:
             return
         if threading.get_ident() == self._thread_id:
-            if not self._idle and len(self._workers) >= self._limit:
-                return  # every worker is busy and takes the next event itself when done
             if self._loop.is_closed():
                 return  # the event stays queued; the next loop to use the client sends it
             self._kick_scheduled = True
+            self._acc.notify_wanted = False
             self._loop.call_soon(self._kick)
         else:
             self._kick_scheduled = True
+            self._acc.notify_wanted = False
             try:
                 self._loop.call_soon_threadsafe(self._kick)
             except RuntimeError:
                 # The loop is closed: the event stays queued and counted as pending.
                 self._kick_scheduled = False
+                self._acc.notify_wanted = True
 
     def _kick(self) -> None:
         self._kick_scheduled = False
+        if self._acc.notify == self.notify:
+            self._acc.notify_wanted = True
         if self._stopping:
             return
         now = self._loop.time()

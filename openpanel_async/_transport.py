@@ -32,11 +32,11 @@ class TransportResponse:
 class Transport(Protocol):
     """Sends one request. Raise any exception for a network failure: it is retried."""
 
-    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> TransportResponse:
-        ...
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str]
+    ) -> TransportResponse: ...
 
-    async def aclose(self) -> None:
-        ...
+    async def aclose(self) -> None: ...
 
 
 class AiohttpTransport:

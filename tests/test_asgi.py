@@ -113,7 +113,11 @@ async def client_ip_seen(scope: Scope, trusted: Iterable[str] = ()) -> str | Non
     # A scope carrying a Forwarded header is read with the RFC 7239 setting: the middleware
     # reads only the one header the operator names.
     names = {name for name, _ in scope["headers"]}
-    header = "forwarded" if b"forwarded" in names and b"x-forwarded-for" not in names else "x-forwarded-for"
+    header = (
+        "forwarded"
+        if b"forwarded" in names and b"x-forwarded-for" not in names
+        else "x-forwarded-for"
+    )
     context = await context_seen(scope, trusted, header)
     assert context is not None
     return context.client_ip

@@ -23,6 +23,7 @@ from openpanel_async import (
     SendTimeoutError,
     Track,
 )
+from openpanel_async._events import UNSET, encode_event
 from openpanel_async.testing import LocalOpenPanel, Reply
 
 from .conftest import CLIENT_ID, CLIENT_SECRET, assert_accounted, make_client
@@ -154,7 +155,9 @@ async def test_timestamp_of_a_queued_event_is_when_it_was_tracked(server: LocalO
     assert len(server.requests) == 3
     # Retries carry the original stamp: the body is encoded once.
     assert len({r.body for r in server.requests}) == 1
-    stamp = datetime.strptime(server.requests[-1].properties["__timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    stamp = datetime.strptime(
+        server.requests[-1].properties["__timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ"
+    )
     assert abs(stamp.replace(tzinfo=UTC).timestamp() - tracked) < 0.05
 
 
@@ -167,7 +170,10 @@ async def test_client_ip_and_user_agent_per_event(server: LocalOpenPanel) -> Non
         op.increment("7", "n", user_agent=ua)
         assert await op.flush(timeout=5)
     seen = {
-        (r.payload or {}).get("name", r.type): (r.headers.get("x-client-ip"), r.headers["user-agent"])
+        (r.payload or {}).get("name", r.type): (
+            r.headers.get("x-client-ip"),
+            r.headers["user-agent"],
+        )
         for r in server.requests
     }
     default_ua = f"openpanel-async/{openpanel_async.__version__}"
@@ -177,6 +183,88 @@ async def test_client_ip_and_user_agent_per_event(server: LocalOpenPanel) -> Non
         "plain": (None, default_ua),
         "increment": (None, ua),
     }
+
+
+class _Props(dict[str, Any]):
+    """A dict subclass, as some frameworks hand out."""
+
+
+async def test_track_sends_the_same_bytes_on_its_fast_and_full_paths(
+    server: LocalOpenPanel,
+) -> None:
+    # track() encodes a known-valid event straight from its parts; everything unusual goes
+    # through the Track struct and its checks. Both must put exactly the bytes on the wire
+    # that encode_event(Track(...)) gives for the same event.
+    cases: list[tuple[str, dict[str, Any] | None, Any, dict[str, Any]]] = [
+        ("page_view", {"path": "/p", "n": 3, "f": 1.5, "l": [1, "a"], "d": {"x": None}}, "u1", {}),
+        ("page_view", None, None, {}),
+        ("page_view", {}, 42, {}),  # an int profile id: full path
+        ("café ☕", {"ünï": "cødé 😀"}, "ü", {}),
+        ("page_view", _Props(a=1, b="two"), "u2", {}),  # a dict subclass: full path
+        ("page_view", {"a": 1}, "u3", {"groups": ["g1", "g2"]}),
+        ("page_view", {"a": 1}, None, {"client_ip": "203.0.113.9", "user_agent": "ua/1"}),
+    ]
+    async with make_client(server) as op:
+        for name, props, profile_id, extra in cases:
+            assert op.track(name, props, profile_id=profile_id, **extra)
+        assert await op.flush(timeout=5)
+    assert len(server.requests) == len(cases)
+    for (name, props, profile_id, extra), request in zip(cases, server.requests, strict=True):
+        sent = dict(props or {})
+        sent["__timestamp"] = request.properties["__timestamp"]
+        expected = encode_event(
+            Track(
+                name=name,
+                properties=sent,
+                profile_id=UNSET if profile_id is None else profile_id,
+                groups=extra.get("groups", UNSET),
+            )
+        )
+        assert request.body == expected, name
+        assert request.headers.get("x-client-ip") == extra.get("client_ip")
+    assert server.requests[4].properties == {
+        "a": 1,
+        "b": "two",
+        "__timestamp": server.requests[4].properties["__timestamp"],
+    }
+
+
+async def test_fast_path_checks_what_it_skips(server: LocalOpenPanel) -> None:
+    # A name seen before takes the fast path; these must still be refused by the full checks.
+    async with make_client(server) as op:
+        assert op.track("seen", {"a": 1}, profile_id="u")
+        with pytest.raises(InvalidEventError, match=r"track.properties.__deviceId"):
+            op.track("seen", {"__deviceId": 5})
+        with pytest.raises(InvalidEventError, match=r"track.profile_id: must not be empty"):
+            op.track("seen", profile_id="")
+        with pytest.raises(InvalidEventError, match=r"track.profile_id"):
+            op.track("seen", profile_id=True)  # type: ignore[arg-type]
+        with pytest.raises(InvalidEventError, match=r"track.properties: cannot be encoded"):
+            op.track("seen", {"x": object()})
+        with pytest.raises(InvalidEventError, match="client_ip:"):
+            op.track("seen", client_ip="1.2.3.4\nx")
+        with pytest.raises(InvalidEventError, match=r"track.properties.__revenue"):
+            op.track("revenue", {"__revenue": -1})
+        assert await op.flush(timeout=5)
+        stats = op.stats()
+    assert stats.accepted == stats.delivered == 1
+    assert [r.payload["name"] for r in server.requests if r.payload] == ["seen"]
+
+
+async def test_events_from_a_thread_wake_an_idle_sender_every_time(
+    server: LocalOpenPanel,
+) -> None:
+    # Wake-ups are coalesced (one per loop iteration); each event a thread tracks into an
+    # idle client must still be sent without anything else nudging the loop.
+    async with make_client(server) as op:
+        await op.flush(timeout=5)
+        for i in range(5):
+            await asyncio.to_thread(op.track, "from_thread", {"i": i})
+            deadline = time.monotonic() + 5
+            while len(server.requests) <= i:
+                assert time.monotonic() < deadline, f"event {i} was never sent"
+                await asyncio.sleep(0.001)
+    assert [r.properties["i"] for r in server.requests] == [0, 1, 2, 3, 4]
 
 
 BAD_CALLS: list[tuple[str, Callable[[OpenPanel], object], str]] = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 from typing import Any
@@ -24,6 +25,7 @@ from openpanel_async import (
     Increment,
     InvalidEventError,
     Track,
+    _events,
 )
 from openpanel_async._events import (
     UNSET,
@@ -672,6 +674,35 @@ def test_now_timestamp_format_and_clock() -> None:
         slack = timedelta(microseconds=1)
         assert before - timedelta(milliseconds=1) - slack <= moment <= after + slack
         assert abs((moment - datetime.now(UTC)).total_seconds()) < 1.0
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 11, 26, 8, 0, 0, tzinfo=UTC),
+        datetime(2026, 11, 26, 8, 0, 0, 7_000, tzinfo=UTC),
+        datetime(2026, 11, 26, 8, 0, 0, 999_999, tzinfo=UTC),
+        datetime(2026, 12, 31, 23, 59, 59, 999_000, tzinfo=UTC),
+    ],
+)
+def test_now_timestamp_formatting_of_a_given_instant(moment: datetime) -> None:
+    now_ns = int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
+    expected = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    assert _events._format_now(now_ns) == expected
+    # Every instant of that millisecond has the same text (truncated, not rounded).
+    assert _events._format_now(now_ns + 999_999 - now_ns % 1_000_000) == expected
+
+
+def test_now_timestamp_moves_with_the_clock() -> None:
+    stamps = [now_timestamp()]
+    deadline = time.monotonic() + 0.05
+    while time.monotonic() < deadline:
+        stamp = now_timestamp()
+        if stamp != stamps[-1]:
+            stamps.append(stamp)
+    assert all(TIMESTAMP_RE.match(s) for s in stamps)
+    assert stamps == sorted(stamps)
+    assert len(stamps) >= 10  # a new millisecond is noticed, not served from a stale cache
 
 
 class _NoOffset(tzinfo):

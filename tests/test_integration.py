@@ -74,8 +74,9 @@ async def test_event_context_fills_what_calls_leave_out() -> None:
 
 
 async def test_event_context_validates_its_arguments() -> None:
-    with pytest.raises(InvalidEventError, match="profile_id: must not be empty"), event_context(
-        profile_id=""
+    with (
+        pytest.raises(InvalidEventError, match="profile_id: must not be empty"),
+        event_context(profile_id=""),
     ):
         pass  # pragma: no cover
     with pytest.raises(InvalidEventError, match=r"groups\[0\]"):
@@ -289,9 +290,9 @@ def test_sync_client_from_many_threads() -> None:
     op.close()  # idempotent
     assert op.stats().state == "closed"
     assert recorder.closed
-    assert {(r.payload["properties"]["t"], r.payload["properties"]["i"]) for r in recorder.requests} == {
-        (t, i) for t in range(4) for i in range(250)
-    }
+    assert {
+        (r.payload["properties"]["t"], r.payload["properties"]["i"]) for r in recorder.requests
+    } == {(t, i) for t in range(4) for i in range(250)}
     assert op.track("late") is False
 
 

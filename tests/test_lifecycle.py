@@ -153,9 +153,10 @@ def test_client_outlives_its_event_loop() -> None:
             op.track("second")
             assert await op.flush(timeout=5)
             await op.aclose()
-            return sorted(f"{(r.payload or {})['name']}{r.properties.get('i', '')}" for r in srv.events)
+            return sorted(
+                f"{(r.payload or {})['name']}{r.properties.get('i', '')}" for r in srv.events
+            )
 
     assert asyncio.run(second_loop()) == ["first0", "first1", "first2", "second"]
     stats = op.stats()
     assert (stats.accepted, stats.delivered, stats.pending) == (4, 4, 0)
-
