@@ -48,6 +48,8 @@ from ._log import logger
 from ._retry import RetryPolicy
 from ._sender import ErrorCallback, Sender
 from ._stats import Stats
+from ._thread import GRACE as THREAD_GRACE
+from ._thread import DeliveryThread
 from ._transport import Transport
 from ._validation import valid_names as _valid_names
 from ._version import __version__
@@ -67,6 +69,9 @@ SDK_NAME = "openpanel-async"
 # "aiohttp": one pooled aiohttp session (the default; general-purpose and battle-tested).
 # "builtin": our lean HTTP/1.1 transport, a third of aiohttp's CPU per event (no proxies).
 HTTP_CLIENTS = ("aiohttp", "builtin")
+# "loop": the sender runs as tasks on the caller's event loop (the default).
+# "thread": it runs on a private thread with its own loop; the caller's loop only queues.
+DELIVERY_MODES = ("loop", "thread")
 
 _UUID_RE = re.compile(
     r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE | re.ASCII
@@ -87,6 +92,11 @@ class OpenPanel:
 
     Events may be tracked before the client starts, and from any thread; they wait in the
     queue until the client runs on its event loop.
+
+    With ``delivery="thread"`` the background tasks run on a private thread with its own
+    event loop instead of yours: your loop then only pays for ``track()``, which keeps its
+    latency flat at high event rates. ``flush()``, ``send()`` and ``aclose()`` are awaited
+    the same way; ``on_error`` is then called on the delivery thread.
     """
 
     def __init__(
@@ -108,6 +118,7 @@ class OpenPanel:
         disabled: bool = False,
         transport: Transport | None = None,
         http_client: str = "aiohttp",
+        delivery: str = "loop",
     ) -> None:
         if not isinstance(client_id, str) or not _UUID_RE.fullmatch(client_id.strip()):
             raise ConfigError("client_id: must be a UUID such as 'c0ffee00-1234-4321-abcd-...'")
@@ -149,6 +160,10 @@ class OpenPanel:
         self._plain = before_send is None and not self._disabled
         if http_client not in HTTP_CLIENTS:
             raise ConfigError(f"http_client: must be one of {', '.join(HTTP_CLIENTS)}")
+        if delivery not in DELIVERY_MODES:
+            raise ConfigError(f"delivery: must be one of {', '.join(DELIVERY_MODES)}")
+        # Where the sender runs with delivery="thread"; None: on the caller's loop.
+        self._runner = DeliveryThread() if delivery == "thread" else None
         self._transport = transport
         self._http_client = http_client
         self._max_concurrency = max_concurrency
@@ -198,8 +213,11 @@ class OpenPanel:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start background delivery on the running event loop. Idempotent."""
-        self._start_on_running_loop()
+        """Start background delivery on the running event loop (or its thread). Idempotent."""
+        if self._runner is not None:
+            self._start_on_runner()
+        else:
+            self._start_on_running_loop()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -244,6 +262,13 @@ class OpenPanel:
         self._sender = sender
         return sender
 
+    def _start_on_runner(self) -> Sender:
+        """delivery="thread": start the private thread and the sender on its loop."""
+        assert self._runner is not None
+        if self._closed:
+            raise ClientClosedError("the client is closed")
+        return self._runner.call(self._start_on_running_loop)
+
     def _orphaned(self, sender: Sender) -> None:
         """The sender's loop is shutting down: the next loop to use us takes its events."""
         if self._sender is sender:
@@ -258,8 +283,17 @@ class OpenPanel:
             self._orphan = None
 
     def _start_if_on_a_loop(self) -> None:
-        """Lazy start: the first event tracked inside a running loop starts the client."""
+        """Lazy start: the first event tracked inside a running loop starts the client.
+
+        With delivery="thread", the first event from anywhere starts the delivery thread.
+        """
         if self._closed:
+            return
+        if self._runner is not None:
+            try:
+                self._start_on_runner()
+            except ClientClosedError:
+                pass  # closed meanwhile: the put that follows counts the drop
             return
         try:
             loop = asyncio.get_running_loop()
@@ -277,6 +311,42 @@ class OpenPanel:
         ``shutdown_timeout``. Idempotent; safe to call from a cancelled task (the
         cancellation is re-raised once the shutdown has been started).
         """
+        if self._runner is not None:
+            await self._aclose_on_runner(self._runner)
+        else:
+            await self._aclose_here()
+
+    async def _aclose_on_runner(self, runner: DeliveryThread) -> None:
+        if runner.stopped:
+            return  # closed before
+        if not runner.started:
+            self._close_unstarted(runner)
+            return
+        if runner.on_own_thread():
+            await self._aclose_here()
+            runner.stop()
+            return
+        closing = runner.submit(self._aclose_here())
+        # The thread stops once the drain is over, even if our caller is cancelled first.
+        closing.add_done_callback(lambda _: runner.stop())
+        await asyncio.shield(asyncio.wrap_future(closing))
+        finished = runner.stop()
+        if finished is not None:
+            try:
+                async with asyncio.timeout(THREAD_GRACE):
+                    await asyncio.shield(asyncio.wrap_future(finished))
+            except TimeoutError:
+                logger.warning("openpanel_async: the delivery thread did not stop in time")
+
+    def _close_unstarted(self, runner: DeliveryThread) -> None:
+        """Close a thread-delivery client that never started; nothing was queued (the
+        first event starts the thread)."""
+        self._closed = True
+        self._acc.refuse(DROP_CLOSED)
+        runner.stop()
+
+    async def _aclose_here(self) -> None:
+        """aclose() on the loop the sender runs on."""
         sender = self._sender
         if sender is not None and sender.loop.is_closed() and not self._closed:
             self._start_on_running_loop()  # its loop was closed under it: adopt its events
@@ -299,8 +369,11 @@ class OpenPanel:
 
         The parent's sender is kept referenced, never used or closed: closing it would
         touch connections and a loop that belong to the parent. The child starts its own
-        sender on first use, with an empty queue and fresh counters.
+        sender on first use (and its own delivery thread), with an empty queue and fresh
+        counters.
         """
+        if self._runner is not None:
+            self._runner.reset_after_fork()
         _abandoned_in_child.extend(s for s in (self._sender, self._orphan) if s is not None)
         self._sender = self._orphan = None
         self._acc = Accumulator(self._acc.max_size)
@@ -308,6 +381,9 @@ class OpenPanel:
     def _last_chance(self) -> None:
         """At interpreter exit: one bounded attempt to deliver what a forgotten client holds."""
         if self._closed or self._acc.pending == 0:
+            return
+        if self._runner is not None:
+            self._last_chance_on_runner(self._runner)
             return
         old = self._sender
         if old is not None:
@@ -327,6 +403,23 @@ class OpenPanel:
             asyncio.run(self.aclose())
         except Exception:
             logger.exception("openpanel_async: delivery at exit failed")
+
+    def _last_chance_on_runner(self, runner: DeliveryThread) -> None:
+        # Daemon threads still run while atexit handlers do: drain on the thread, blocking.
+        if not runner.started or runner.on_own_thread():
+            return
+        logger.warning(
+            "openpanel_async: client not closed at exit; delivering %d pending events "
+            "(at most %gs)",
+            self._acc.pending,
+            self._shutdown_timeout,
+        )
+        try:
+            runner.run_blocking(self.aclose(), self._shutdown_timeout + THREAD_GRACE)
+        except Exception:
+            logger.exception("openpanel_async: delivery at exit failed")
+        finally:
+            runner.stop()
 
     # --- sending --------------------------------------------------------------------------
 
@@ -365,9 +458,25 @@ class OpenPanel:
         if self._closed and self._sender is None:
             self._acc.count_drop(DROP_CLOSED)
             raise ClientClosedError("the client is closed")
-        sender = self._start_on_running_loop()
+        runner = self._runner
+        if runner is None:
+            self._start_on_running_loop()
+        else:
+            if self._sender is None:
+                self._start_if_on_a_loop()
+            if self._acc.put(item, count_drop=False):
+                return  # room at once: no need to involve the delivery thread
+            if self._closed:
+                self._acc.count_drop(DROP_CLOSED)
+                raise ClientClosedError("the client is closed")
+            await runner.run(self._put_when_room(item, timeout))
+            return
+        await self._put_when_room(item, timeout)
+
+    async def _put_when_room(self, item: Item, timeout: float | None) -> None:
+        """send()'s wait for room, on the loop the sender runs on."""
         acc = self._acc
-        loop = sender.loop
+        loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while not acc.put(item, count_drop=False):
             if acc.refusing is not None:
@@ -689,6 +798,20 @@ class OpenPanel:
 
         Returns False if that did not happen within ``timeout`` seconds.
         """
+        runner = self._runner
+        if runner is None:
+            return await self._flush_here(timeout)
+        if not self._acc.pending:
+            return True
+        try:
+            if self._sender is None and not self._closed:
+                self._start_on_runner()
+            return await runner.run(self._flush_here(timeout))
+        except ClientClosedError:
+            return self._acc.pending == 0  # the delivery thread has stopped: all is settled
+
+    async def _flush_here(self, timeout: float | None) -> bool:
+        """flush() on the loop the sender runs on."""
         sender = self._sender
         if not self._closed and (sender is None or sender.loop.is_closed()):
             self._start_on_running_loop()  # starts, or adopts a sender whose loop is gone

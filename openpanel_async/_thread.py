@@ -1,0 +1,152 @@
+"""A private daemon thread running an event loop: where delivery runs off the caller's loop.
+
+Used by ``OpenPanel(delivery="thread")`` and by ``SyncOpenPanel``. The caller's side only
+queues events (thread-safe, never blocking); the sender, its HTTP connections and its
+retries live on this thread's loop, so they cost the caller's event loop nothing. Work is
+handed over with ``call_soon_threadsafe`` / ``run_coroutine_threadsafe``, each wait with
+a deadline. After ``os.fork()`` the child forgets the parent's thread and starts its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from .errors import ClientClosedError
+
+T = TypeVar("T")
+
+# Starting the thread and handing it one call take a millisecond; this only bounds a wait
+# on a machine that is badly overloaded.
+START_TIMEOUT = 10.0
+# Beyond a call's own deadline, time allowed for the loop thread to answer at all.
+GRACE = 2.0
+
+
+class DeliveryThread:
+    def __init__(self, name: str = "openpanel-async") -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+        self._finished: concurrent.futures.Future[None] | None = None
+        self._stopped = False
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._stopped else "running" if self.loop else "new"
+        return f"<DeliveryThread {self._name} {state}>"
+
+    @property
+    def started(self) -> bool:
+        return self.loop is not None
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def on_own_thread(self) -> bool:
+        return self.thread is not None and threading.current_thread() is self.thread
+
+    def ensure_started(self) -> asyncio.AbstractEventLoop:
+        """The thread's loop, starting the thread on first use."""
+        loop = self.loop
+        if loop is not None and not self._stopped:
+            return loop
+        with self._lock:
+            if self._stopped:
+                raise ClientClosedError("the client is closed")
+            if self.loop is not None:
+                return self.loop
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+            finished: concurrent.futures.Future[None] = concurrent.futures.Future()
+            thread = threading.Thread(
+                target=self._run, args=(loop, ready, finished), name=self._name, daemon=True
+            )
+            thread.start()
+            if not ready.wait(START_TIMEOUT):
+                raise RuntimeError("the openpanel-async delivery thread did not start")
+            self.thread, self._finished, self.loop = thread, finished, loop
+            return loop
+
+    @staticmethod
+    def _run(
+        loop: asyncio.AbstractEventLoop,
+        ready: threading.Event,
+        finished: concurrent.futures.Future[None],
+    ) -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            try:
+                loop.close()
+            finally:
+                finished.set_result(None)
+
+    def call(self, function: Callable[[], T]) -> T:
+        """Run ``function`` on the thread's loop and return its result (blocking briefly)."""
+        loop = self.ensure_started()
+        if self.on_own_thread():
+            return function()
+        result: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                result.set_result(function())
+            except BaseException as exc:
+                result.set_exception(exc)
+
+        loop.call_soon_threadsafe(run)
+        return result.result(START_TIMEOUT)
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coroutine`` on the thread's loop; its result as a thread-safe future."""
+        try:
+            loop = self.ensure_started()
+        except BaseException:
+            coroutine.close()
+            raise
+        return asyncio.run_coroutine_threadsafe(coroutine, loop)
+
+    async def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Await ``coroutine`` run on the thread's loop, from any other event loop."""
+        if self.on_own_thread():
+            return await coroutine
+        return await asyncio.wrap_future(self.submit(coroutine))
+
+    def run_blocking(self, coroutine: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        """Run ``coroutine`` on the thread's loop, blocking the calling thread for its result."""
+        if self.on_own_thread():
+            coroutine.close()
+            raise RuntimeError("a blocking call cannot be made from the delivery thread")
+        future = self.submit(coroutine)
+        return future.result(None if timeout is None else timeout + GRACE)
+
+    def stop(self) -> concurrent.futures.Future[None] | None:
+        """Stop the loop and let the thread end; the future completes when it has.
+
+        Idempotent. Never started: None.
+        """
+        with self._lock:
+            self._stopped = True
+            loop, finished = self.loop, self._finished
+        if loop is None or finished is None:
+            return None
+        if not finished.done():
+            try:
+                loop.call_soon_threadsafe(loop.stop)
+            except RuntimeError:
+                pass  # already closed
+        return finished
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: the parent's thread did not survive; start afresh on use."""
+        self._lock = threading.Lock()
+        self.loop = None
+        self.thread = None
+        self._finished = None
