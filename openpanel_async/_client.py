@@ -326,17 +326,19 @@ class OpenPanel:
             await self._aclose_here()
             runner.stop()
             return
-        closing = runner.submit(self._aclose_here())
+        try:
+            closing = runner.submit(self._aclose_here())
+        except ClientClosedError:
+            return  # another aclose() stopped the thread meanwhile
         # The thread stops once the drain is over, even if our caller is cancelled first.
         closing.add_done_callback(lambda _: runner.stop())
-        await asyncio.shield(asyncio.wrap_future(closing))
-        finished = runner.stop()
-        if finished is not None:
-            try:
-                async with asyncio.timeout(THREAD_GRACE):
-                    await asyncio.shield(asyncio.wrap_future(finished))
-            except TimeoutError:
-                logger.warning("openpanel_async: the delivery thread did not stop in time")
+        try:
+            await asyncio.shield(runner.wait(closing))
+        except ClientClosedError:
+            pass  # another aclose() stopped the thread before this one ran: closed all the same
+        runner.stop()
+        if not await runner.join(THREAD_GRACE):
+            logger.warning("openpanel_async: the delivery thread did not stop in time")
 
     def _close_unstarted(self, runner: DeliveryThread) -> None:
         """Close a thread-delivery client that never started; nothing was queued (the

@@ -84,8 +84,16 @@ class DeliveryThread:
             loop.run_forever()
         finally:
             try:
-                loop.close()
+                # Work handed over just before stop() must not be left pending forever:
+                # cancel it (its callers see ClientClosedError), as asyncio.run() does.
+                leftovers = asyncio.all_tasks(loop)
+                for task in leftovers:
+                    task.cancel()
+                if leftovers:
+                    loop.run_until_complete(asyncio.wait(leftovers, timeout=GRACE))
+                loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
+                loop.close()
                 finished.set_result(None)
 
     def call(self, function: Callable[[], T]) -> T:
@@ -101,23 +109,44 @@ class DeliveryThread:
             except BaseException as exc:
                 result.set_exception(exc)
 
-        loop.call_soon_threadsafe(run)
+        with self._lock:
+            if self._stopped:
+                raise ClientClosedError("the client is closed")
+            loop.call_soon_threadsafe(run)
         return result.result(START_TIMEOUT)
 
     def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule ``coroutine`` on the thread's loop; its result as a thread-safe future."""
         try:
             loop = self.ensure_started()
+            # Under the lock, so that stop() cannot come between the check and the hand-over:
+            # whatever is handed over before stop() runs, or is cancelled when the loop ends.
+            with self._lock:
+                if self._stopped:
+                    raise ClientClosedError("the client is closed")
+                return asyncio.run_coroutine_threadsafe(coroutine, loop)
         except BaseException:
             coroutine.close()
             raise
-        return asyncio.run_coroutine_threadsafe(coroutine, loop)
 
     async def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        """Await ``coroutine`` run on the thread's loop, from any other event loop."""
+        """Await ``coroutine`` run on the thread's loop, from any other event loop.
+
+        ClientClosedError if the thread stopped before it could finish.
+        """
         if self.on_own_thread():
             return await coroutine
-        return await asyncio.wrap_future(self.submit(coroutine))
+        return await self.wait(self.submit(coroutine))
+
+    async def wait(self, future: concurrent.futures.Future[T]) -> T:
+        """Await a future of this thread's; ClientClosedError if its loop ended first."""
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if future.cancelled() and (task is None or not task.cancelling()):
+                raise ClientClosedError("the client closed before the call completed") from None
+            raise
 
     def run_blocking(self, coroutine: Coroutine[Any, Any, T], timeout: float | None) -> T:
         """Run ``coroutine`` on the thread's loop, blocking the calling thread for its result."""
@@ -125,7 +154,10 @@ class DeliveryThread:
             coroutine.close()
             raise RuntimeError("a blocking call cannot be made from the delivery thread")
         future = self.submit(coroutine)
-        return future.result(None if timeout is None else timeout + GRACE)
+        try:
+            return future.result(None if timeout is None else timeout + GRACE)
+        except concurrent.futures.CancelledError:
+            raise ClientClosedError("the client closed before the call completed") from None
 
     def stop(self) -> concurrent.futures.Future[None] | None:
         """Stop the loop and let the thread end; the future completes when it has.
@@ -133,16 +165,34 @@ class DeliveryThread:
         Idempotent. Never started: None.
         """
         with self._lock:
+            first = not self._stopped
             self._stopped = True
             loop, finished = self.loop, self._finished
         if loop is None or finished is None:
             return None
-        if not finished.done():
-            try:
-                loop.call_soon_threadsafe(loop.stop)
-            except RuntimeError:
-                pass  # already closed
+        if first:
+            # Once only: a second loop.stop() would also cut short the clean-up in _run().
+            loop.call_soon_threadsafe(loop.stop)
         return finished
+
+    async def join(self, timeout: float) -> bool:
+        """Wait (without blocking the caller's loop) until the thread has ended."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        finished = self._finished
+        if finished is not None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.shield(asyncio.wrap_future(finished))
+            except TimeoutError:
+                return False
+        # finished is set in the thread's last moments; the thread itself ends just after.
+        thread = self.thread
+        while thread is not None and thread.is_alive():
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.001)
+        return True
 
     def reset_after_fork(self) -> None:
         """In a forked child: the parent's thread did not survive; start afresh on use."""
