@@ -3,15 +3,18 @@
 A ticker task in the same loop sleeps 1 ms at a time and records how late it wakes up (the
 lag). A producer task calls ``op.track()`` for the typical event at the offered rate (the
 events due are tracked once per millisecond) for ``--duration`` seconds, then the client is
-flushed. Figures per rate: p99 and max lag, and the CPU time of the loop's thread per
-delivered event (everything the client does on the caller's loop: track(), waking the
-sender, the HTTP requests).
+flushed. Figures per rate and per delivery mode: p99 and max lag, and the CPU time of the
+loop's thread per delivered event (everything the client costs the caller's loop: track(),
+waking the sender and, with ``delivery="loop"``, the HTTP requests themselves).
+
+Both delivery modes are measured: ``delivery="loop"`` (the sender's tasks share the
+caller's loop) and ``delivery="thread"`` (they run on the client's own thread and loop).
 
 Baselines, same run: the ticker on an idle loop (lag), and the minimal hand-written sender
 (encode per event, a plain asyncio.Queue, 64 workers over one aiohttp session, no retries)
-fed by the same producer at the same rate (lag and CPU per event). At each rate the two
-run in ABBA order, each in two halves (baseline, library, library, baseline), with a fresh
-client per half; the lags of both halves are pooled.
+fed by the same producer at the same rate (lag and CPU per event). At each rate the three
+run in mirrored order (minimal, loop, thread, thread, loop, minimal), each in two halves
+with a fresh client per half; the lags of both halves are pooled.
 """
 
 from __future__ import annotations
@@ -22,9 +25,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from _common import (
-    CLIENT_ID,
-    CLIENT_SECRET,
-    HTTP_CLIENT,
     TYPICAL_NAME,
     TYPICAL_PROFILE_ID,
     TYPICAL_PROPERTIES,
@@ -38,8 +38,6 @@ from _common import (
     quiet_library_logs,
 )
 from _server import BenchServer, ServerOptions
-
-from openpanel_async import SyncOpenPanel
 
 TICK = 0.001
 
@@ -112,16 +110,13 @@ async def _produce(track: Callable[[], object], rate: float, duration: float) ->
     return made
 
 
-# --threaded: measure SyncOpenPanel (delivery on its own thread and loop) from async code.
-THREADED = {"on": False}
+DELIVERY_MODES = ("loop", "thread")
 
 
-async def _library_phase(url: str, rate: float, duration: float) -> dict[str, Any]:
-    if THREADED["on"]:
-        return await _threaded_phase(url, rate, duration)
+async def _library_phase(url: str, rate: float, duration: float, delivery: str) -> dict[str, Any]:
     name, props, pid = TYPICAL_NAME, TYPICAL_PROPERTIES, TYPICAL_PROFILE_ID
-    op = make_client(url, shutdown_timeout=2.0)
-    await op.start()
+    op = make_client(url, shutdown_timeout=2.0, delivery=delivery)
+    await op.start()  # with delivery="thread", starts the thread outside the measured window
     accepted = 0
 
     def track() -> None:
@@ -140,44 +135,6 @@ async def _library_phase(url: str, rate: float, duration: float) -> dict[str, An
         "lags_ns": ticker.lags_ns,
         "window_s": duration,
         "offered": made,
-        "delivered_in_window": in_window,
-        "accepted": accepted,
-        "delivered": stats.delivered,
-        "dropped": stats.dropped,
-        "failed": stats.failed,
-        "flushed": int(flushed),
-        "cpu_s": cpu,
-    }
-
-
-async def _threaded_phase(url: str, rate: float, duration: float) -> dict[str, Any]:
-    name, props, pid = TYPICAL_NAME, TYPICAL_PROPERTIES, TYPICAL_PROFILE_ID
-    op = SyncOpenPanel(
-        client_id=CLIENT_ID,
-        client_secret=CLIENT_SECRET,
-        api_url=url,
-        shutdown_timeout=2.0,
-        http_client=HTTP_CLIENT["name"],
-    )
-    accepted = 0
-
-    def track() -> None:
-        nonlocal accepted
-        accepted += op.track(name, props, profile_id=pid)
-
-    track()  # starts the delivery thread outside the measured window
-    cpu0 = time.thread_time()  # this (the caller's) thread only
-    with Ticker() as ticker:
-        made = await _produce(track, rate, duration)
-    in_window = op.stats().delivered
-    flushed = await asyncio.to_thread(op.flush, 15.0)
-    cpu = time.thread_time() - cpu0
-    stats = op.stats()
-    await asyncio.to_thread(op.close)
-    return {
-        "lags_ns": ticker.lags_ns,
-        "window_s": duration,
-        "offered": made + 1,
         "delivered_in_window": in_window,
         "accepted": accepted,
         "delivered": stats.delivered,
@@ -218,31 +175,30 @@ async def _measure(
     url: str, rates: Sequence[int], duration: float, baseline_duration: float
 ) -> dict[str, Any]:
     idle = await _idle_phase(min(2.0, baseline_duration))
-    results: dict[str, Any] = {"idle": idle, "library": {}, "minimal": {}}
+    results: dict[str, Any] = {"idle": idle, "minimal": {}}
+    results.update({mode: {} for mode in DELIVERY_MODES})
     for rate in rates:
-        # ABBA: each sender runs in two halves, so that a slow spell hits both alike.
+        # Mirrored order: each runs in two halves, so that a slow spell hits all alike.
         minimal = [await _minimal_phase(url, rate, baseline_duration / 2)]
-        library = [await _library_phase(url, rate, duration / 2)]
-        library.append(await _library_phase(url, rate, duration / 2))
+        library: dict[str, list[dict[str, Any]]] = {mode: [] for mode in DELIVERY_MODES}
+        for mode in (*DELIVERY_MODES, *reversed(DELIVERY_MODES)):
+            library[mode].append(await _library_phase(url, rate, duration / 2, mode))
         minimal.append(await _minimal_phase(url, rate, baseline_duration / 2))
         results["minimal"][rate] = _merge(minimal)
-        results["library"][rate] = _merge(library)
+        for mode in DELIVERY_MODES:
+            results[mode][rate] = _merge(library[mode])
     return results
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def setup(parser: Any) -> None:
-        parser.add_argument("--duration", type=float, default=None, help="seconds per rate")
         parser.add_argument(
-            "--threaded",
-            action="store_true",
-            help="measure SyncOpenPanel: delivery on its own thread and event loop",
+            "--duration", type=float, default=None, help="seconds per rate and delivery mode"
         )
 
     args = parse_args(__doc__ or "", argv, setup)
-    THREADED["on"] = args.threaded
     quick: bool = args.quick
-    duration = args.duration or (1.0 if quick else 5.0)
+    duration = args.duration or (1.0 if quick else 4.0)
     baseline_duration = min(duration, 1.0 if quick else 2.5)
     rates = [1_000, 5_000, 10_000]
     report = Report("bench_loop_lag", "2. Event-loop lag while tracking", quick)
@@ -254,57 +210,62 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     idle = data["idle"]
     report.add(Figure("idle_lag_p99_ms", "lag p99, idle loop", idle["p99_ms"], "ms"))
     for rate in rates:
-        lib, mini = data["library"][rate], data["minimal"][rate]
+        mini = data["minimal"][rate]
         tag = f"{rate // 1000}k/s"
-        goal = "<= 5 ms" if rate == 5_000 else None
-        passed = lib["p99_ms"] <= 5.0 if rate == 5_000 else None
-        report.add(
-            Figure(
-                f"lag_p99_ms_{rate}",
-                f"lag p99 @ {tag}",
-                lib["p99_ms"],
-                "ms",
-                mini["p99_ms"],
-                "minimal sender",
-                goal,
-                passed,
+        for mode in DELIVERY_MODES:
+            lib = data[mode][rate]
+            label = f"{tag}, {mode}"
+            goal = "<= 5 ms" if rate == 5_000 else None
+            passed = lib["p99_ms"] <= 5.0 if rate == 5_000 else None
+            report.add(
+                Figure(
+                    f"lag_p99_ms_{rate}_{mode}",
+                    f"lag p99 @ {label}",
+                    lib["p99_ms"],
+                    "ms",
+                    mini["p99_ms"],
+                    "minimal sender",
+                    goal,
+                    passed,
+                )
             )
-        )
-        report.add(
-            Figure(
-                f"lag_max_ms_{rate}",
-                f"lag max @ {tag}",
-                lib["max_ms"],
-                "ms",
-                mini["max_ms"],
-                "minimal sender",
+            report.add(
+                Figure(
+                    f"lag_max_ms_{rate}_{mode}",
+                    f"lag max @ {label}",
+                    lib["max_ms"],
+                    "ms",
+                    mini["max_ms"],
+                    "minimal sender",
+                )
             )
-        )
-        report.add(
-            Figure(
-                f"cpu_us_per_event_{rate}",
-                f"loop CPU per delivered event @ {tag}",
-                lib["cpu_us_per_event"],
-                "µs",
-                mini["cpu_us_per_event"],
-                "minimal sender",
+            report.add(
+                Figure(
+                    f"cpu_us_per_event_{rate}_{mode}",
+                    f"caller-loop CPU per delivered event @ {label}",
+                    lib["cpu_us_per_event"],
+                    "µs",
+                    mini["cpu_us_per_event"],
+                    "minimal sender",
+                )
             )
-        )
-        report.add(
-            Figure(
-                f"delivered_in_window_{rate}",
-                f"delivered during the window @ {tag}",
-                lib["delivered_in_window_per_s"],
-                "ev/s",
-                mini["delivered_in_window_per_s"],
-                "minimal sender",
+            report.add(
+                Figure(
+                    f"delivered_in_window_{rate}_{mode}",
+                    f"delivered during the window @ {label}",
+                    lib["delivered_in_window_per_s"],
+                    "ev/s",
+                    mini["delivered_in_window_per_s"],
+                    "minimal sender",
+                )
             )
-        )
-        if lib["dropped"] or lib["failed"]:
-            report.note(f"@ {tag}: {lib['dropped']} dropped (queue full), {lib['failed']} failed")
+            if lib["dropped"] or lib["failed"]:
+                report.note(
+                    f"@ {label}: {lib['dropped']} dropped (queue full), {lib['failed']} failed"
+                )
     report.note(
-        f"library: {duration:g} s per rate, minimal sender: {baseline_duration:g} s per rate (each"
-        " in two ABBA halves); "
+        f"library: {duration:g} s per rate and mode, minimal sender: {baseline_duration:g} s per "
+        "rate (each in two mirrored halves); "
         f"idle baseline lag p99 {idle['p99_ms']:.2f} ms; lag = wake-up delay of a 1 ms sleep."
     )
     return finish(report, args.json)
