@@ -26,6 +26,7 @@ from ._accumulator import (
 )
 from ._context import _current as _current_context
 from ._events import (
+    TRACK_PREFIX,
     UNSET,
     AssignGroup,
     Decrement,
@@ -34,11 +35,10 @@ from ._events import (
     Identify,
     Increment,
     ProfileId,
-    Request,
     Track,
     TrackWire,
     encode_event,
-    encode_request,
+    encode_payload,
     encoding_error,
     format_timestamp,
     now_timestamp,
@@ -645,17 +645,16 @@ class OpenPanel:
             and (profile_id is None or (type(profile_id) is str and profile_id))
         ):
             # The hottest path: the event is known valid (its name passed the full checks
-            # before, and nothing else needs one), so it is encoded straight from its parts
-            # in one C call, skipping the Track struct and its checks; the bytes are the
-            # same as encode_event(Track(...)) would give.
+            # before, and nothing else needs one), so its payload is encoded straight from
+            # its parts, skipping the Track struct and its checks; the bytes are the same
+            # as encode_event(Track(...)) would give.
             try:
-                body = encode_request(
-                    Request(
-                        "track", TrackWire(name, props, UNSET if profile_id is None else profile_id)
-                    )
+                payload = encode_payload(
+                    TrackWire(name, props, UNSET if profile_id is None else profile_id)
                 )
             except (TypeError, ValueError, OverflowError) as exc:
                 raise encoding_error("track", exc) from None
+            body = TRACK_PREFIX + payload + b"}"
             if len(body) > self._max_event_bytes:
                 self._refuse_size("track", body)
             if client_ip is not None:

@@ -186,20 +186,19 @@ def _profile_key(profile_id: ProfileId) -> str:
 
 _encoder = msgspec.json.Encoder()
 # A bound method: track()'s fast path calls it directly.
-encode_request = _encoder.encode
+encode_payload = _encoder.encode
+# The request body is this prefix, the encoded payload and "}". Concatenating also leaves
+# the body in an exact-size bytes object: msgspec's own output keeps its growth slack
+# (a third of a typical event), which every queued event would carry.
+REQUEST_PREFIXES = {name: b'{"type":"' + name.encode() + b'","payload":' for name in EVENT_TYPES}
+TRACK_PREFIX = REQUEST_PREFIXES["track"]
 
 
-class Request(msgspec.Struct, gc=False):
-    """The request body: ``{"type": ..., "payload": ...}``, encoded in one C call."""
-
-    type: str
-    payload: Any
-
-
-class TrackWire(msgspec.Struct, omit_defaults=True, rename="camel", gc=False, array_like=False):
+class TrackWire(msgspec.Struct, omit_defaults=True, rename="camel", gc=False):
     """Track's wire form without its checks, for track()'s fast path once they have passed.
 
-    Same fields in the same order as :class:`Track`, so both encode to the same bytes.
+    Same fields in the same order as :class:`Track` (bar groups, which the fast path never
+    has), so both encode to the same bytes.
     """
 
     name: str
@@ -214,9 +213,10 @@ def encoding_error(wire_type: str, exc: Exception) -> InvalidEventError:
 def encode_event(event: Event) -> bytes:
     """The exact request body for ``event``; property values msgspec cannot encode are refused."""
     try:
-        return _encoder.encode(Request(event.wire_type, event))
+        payload = _encoder.encode(event)
     except (TypeError, ValueError, OverflowError) as exc:
         raise encoding_error(event.wire_type, exc) from None
+    return REQUEST_PREFIXES[event.wire_type] + payload + b"}"
 
 
 class _Envelope(msgspec.Struct, frozen=True):
