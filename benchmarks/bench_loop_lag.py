@@ -111,11 +111,13 @@ async def _produce(track: Callable[[], object], rate: float, duration: float) ->
 
 
 DELIVERY_MODES = ("loop", "thread")
+# --max-concurrency: the client's option (default: the library's own default).
+CLIENT_OPTIONS: dict[str, Any] = {}
 
 
 async def _library_phase(url: str, rate: float, duration: float, delivery: str) -> dict[str, Any]:
     name, props, pid = TYPICAL_NAME, TYPICAL_PROPERTIES, TYPICAL_PROFILE_ID
-    op = make_client(url, shutdown_timeout=2.0, delivery=delivery)
+    op = make_client(url, shutdown_timeout=2.0, delivery=delivery, **CLIENT_OPTIONS)
     await op.start()  # with delivery="thread", starts the thread outside the measured window
     accepted = 0
 
@@ -195,8 +197,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.add_argument(
             "--duration", type=float, default=None, help="seconds per rate and delivery mode"
         )
+        parser.add_argument(
+            "--max-concurrency", type=int, default=None, help="the client's max_concurrency"
+        )
 
     args = parse_args(__doc__ or "", argv, setup)
+    if args.max_concurrency is not None:
+        CLIENT_OPTIONS["max_concurrency"] = args.max_concurrency
     quick: bool = args.quick
     duration = args.duration or (1.0 if quick else 4.0)
     baseline_duration = min(duration, 1.0 if quick else 2.5)
@@ -264,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     f"@ {label}: {lib['dropped']} dropped (queue full), {lib['failed']} failed"
                 )
     report.note(
+        f"max_concurrency {CLIENT_OPTIONS.get('max_concurrency', 'default')}; "
         f"library: {duration:g} s per rate and mode, minimal sender: {baseline_duration:g} s per "
         "rate (each in two mirrored halves); "
         f"idle baseline lag p99 {idle['p99_ms']:.2f} ms; lag = wake-up delay of a 1 ms sleep."
