@@ -457,23 +457,31 @@ class OpenPanel:
         item = self._prepare(event, client_ip, user_agent)
         if item is None:
             return
+        runner = self._runner
+        if runner is not None:
+            if not self._put_at_once(item):
+                await runner.run(self._put_when_room(item, timeout))
+            return
         if self._closed and self._sender is None:
             self._acc.count_drop(DROP_CLOSED)
             raise ClientClosedError("the client is closed")
-        runner = self._runner
-        if runner is None:
-            self._start_on_running_loop()
-        else:
-            if self._sender is None:
-                self._start_if_on_a_loop()
-            if self._acc.put(item, count_drop=False):
-                return  # room at once: no need to involve the delivery thread
-            if self._closed:
-                self._acc.count_drop(DROP_CLOSED)
-                raise ClientClosedError("the client is closed")
-            await runner.run(self._put_when_room(item, timeout))
-            return
+        self._start_on_running_loop()
         await self._put_when_room(item, timeout)
+
+    def _put_at_once(self, item: Item) -> bool:
+        """delivery="thread": queue ``item`` from the calling thread if there is room now.
+
+        False: the caller must wait for room, on the delivery thread. Raises
+        ClientClosedError (and counts the drop) once the client is closed.
+        """
+        if self._sender is None:
+            self._start_if_on_a_loop()
+        if self._acc.put(item, count_drop=False):
+            return True
+        if self._closed:
+            self._acc.count_drop(DROP_CLOSED)
+            raise ClientClosedError("the client is closed")
+        return False
 
     async def _put_when_room(self, item: Item, timeout: float | None) -> None:
         """send()'s wait for room, on the loop the sender runs on."""

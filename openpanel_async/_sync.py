@@ -18,7 +18,7 @@ from ._client import OpenPanel
 from ._events import Event
 from ._stats import Stats
 from ._thread import GRACE, DeliveryThread
-from .errors import ClientClosedError, ConfigError
+from .errors import ConfigError
 
 
 class SyncOpenPanel:
@@ -52,12 +52,21 @@ class SyncOpenPanel:
     def __repr__(self) -> str:
         return f"<SyncOpenPanel {self._client!r}>"
 
-    def send(self, event: Event, *, timeout: float | None = None, **headers: str | None) -> None:
+    def send(
+        self,
+        event: Event,
+        *,
+        timeout: float | None = None,
+        client_ip: str | None = None,
+        user_agent: str | None = None,
+    ) -> None:
         """Queue ``event``, blocking until there is room (see ``OpenPanel.send``)."""
-        if self._client._closed:
-            self._client.send_nowait(event, **headers)  # validates, then counts the drop
-            raise ClientClosedError("the client is closed")
-        self._runner.run_blocking(self._client.send(event, timeout=timeout, **headers), timeout)
+        client = self._client
+        # Prepared here, on the calling thread, so that its event context applies.
+        item = client._prepare(event, client_ip, user_agent)
+        if item is None or client._put_at_once(item):
+            return
+        self._runner.run_blocking(client._put_when_room(item, timeout), timeout)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until every event accepted so far is settled; False on timeout."""

@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from openpanel_async import (
+    ClientClosedError,
     ConfigError,
     Event,
     Identify,
@@ -303,6 +304,28 @@ def test_sync_client_send_blocks_for_room_and_context_manager() -> None:
             op.send(Track(name="bp", properties={"i": i}), timeout=5)
         assert op.flush(timeout=5)
     assert sorted(r.payload["properties"]["i"] for r in recorder.requests) == list(range(50))
+
+
+def test_sync_client_send_uses_the_callers_event_context() -> None:
+    # send() prepares the event on the calling thread: the caller's context applies, even
+    # when the event then waits for room on the delivery thread.
+    recorder = EventRecorder()
+    with SyncOpenPanel(client_id=CLIENT_ID, transport=recorder, max_queue_size=1) as op:
+        with event_context(client_ip="203.0.113.7", user_agent="ua/2", profile_id="p9"):
+            for i in range(5):
+                op.send(Track(name="ctx", properties={"i": i}), timeout=5)
+        op.send(Track(name="bare"), timeout=5)
+        assert op.flush(timeout=5)
+    seen = [
+        (r.payload["name"], r.headers.get("x-client-ip"), r.headers["user-agent"])
+        for r in recorder.requests
+    ]
+    default_ua = recorder.requests[-1].headers["user-agent"]
+    assert default_ua.startswith("openpanel-async/")
+    assert seen == [("ctx", "203.0.113.7", "ua/2")] * 5 + [("bare", None, default_ua)]
+    with pytest.raises(ClientClosedError):
+        op.send(Track(name="after"), timeout=1)
+    assert op.stats().dropped_by_reason == {"closed": 1}
 
 
 def test_sync_client_closes_at_interpreter_exit() -> None:
