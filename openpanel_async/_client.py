@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import math
-import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from types import MappingProxyType, TracebackType
 from typing import Any, NoReturn, Self
-from urllib.parse import urlsplit
 
 import msgspec
 
-from . import _lifecycle, _validation
+from . import _config, _lifecycle, _validation
 from ._accumulator import (
     DROP_CLOSED,
     DROP_DISABLED,
@@ -24,6 +21,7 @@ from ._accumulator import (
     Accumulator,
     Item,
 )
+from ._config import check_header_value
 from ._context import _current as _current_context
 from ._events import (
     TRACK_PREFIX,
@@ -73,11 +71,6 @@ HTTP_CLIENTS = ("aiohttp", "builtin")
 # "thread": it runs on a private thread with its own loop; the caller's loop only queues.
 DELIVERY_MODES = ("loop", "thread")
 
-_UUID_RE = re.compile(
-    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE | re.ASCII
-)
-_BAD_HEADER_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-_USERINFO_RE = re.compile(r"//[^/?#]*@")
 _EVENT_CLASSES = frozenset({Track, Identify, Increment, Decrement, Group, AssignGroup})
 
 
@@ -120,24 +113,16 @@ class OpenPanel:
         http_client: str = "aiohttp",
         delivery: str = "loop",
     ) -> None:
-        if not isinstance(client_id, str) or not _UUID_RE.fullmatch(client_id.strip()):
-            raise ConfigError("client_id: must be a UUID such as 'c0ffee00-1234-4321-abcd-...'")
-        self._client_id = client_id.strip().lower()
-        if client_secret is not None and (
-            not isinstance(client_secret, str)
-            or not client_secret
-            or _BAD_HEADER_CHARS.search(client_secret)
-        ):
-            # Never echo the value: it is a secret.
-            raise ConfigError("client_secret: must be a non-empty str without control characters")
-        self._url = _check_api_url(api_url) + "/track"
+        self._client_id = _config.check_client_id(client_id)
+        _config.check_client_secret(client_secret)
+        self._url = _config.check_api_url(api_url) + "/track"
         self._api_url = self._url[: -len("/track")]
-        _check_int("max_queue_size", max_queue_size)
-        _check_int("max_concurrency", max_concurrency)
-        _check_int("max_event_bytes", max_event_bytes)
-        _check_seconds("request_timeout", request_timeout, allow_zero=False)
-        _check_seconds("shutdown_timeout", shutdown_timeout, allow_zero=True)
-        _check_seconds("idle_timeout", idle_timeout, allow_zero=False)
+        _config.check_int("max_queue_size", max_queue_size)
+        _config.check_int("max_concurrency", max_concurrency)
+        _config.check_int("max_event_bytes", max_event_bytes)
+        _config.check_seconds("request_timeout", request_timeout, allow_zero=False)
+        _config.check_seconds("shutdown_timeout", shutdown_timeout, allow_zero=True)
+        _config.check_seconds("idle_timeout", idle_timeout, allow_zero=False)
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ConfigError("retry: must be a RetryPolicy")
         if on_error is not None:
@@ -152,7 +137,7 @@ class OpenPanel:
             raise ConfigError("before_send: must be callable")
         if transport is not None and not isinstance(transport, Transport):
             raise ConfigError("transport: must have async post(url, body, headers) and aclose()")
-        self._global_properties = _checked_global_properties(global_properties)
+        self._global_properties = _config.checked_global_properties(global_properties)
         self._before_send = before_send
         self._hook_error_logged = False
         self._disabled = bool(disabled)
@@ -538,9 +523,9 @@ class OpenPanel:
         if len(body) > self._max_event_bytes:
             self._refuse_size(event.wire_type, body)
         if client_ip is not None:
-            _check_header_value(client_ip, "client_ip")
+            check_header_value(client_ip, "client_ip")
         if user_agent is not None:
-            _check_header_value(user_agent, "user_agent")
+            check_header_value(user_agent, "user_agent")
         if self._disabled:
             self._acc.count_drop(DROP_DISABLED)
             return None
@@ -598,7 +583,7 @@ class OpenPanel:
 
         An event's own properties win over these. Safe to call from any thread.
         """
-        self._global_properties = _checked_global_properties(properties)
+        self._global_properties = _config.checked_global_properties(properties)
 
     @property
     def global_properties(self) -> Mapping[str, Any]:
@@ -666,9 +651,9 @@ class OpenPanel:
             if len(body) > self._max_event_bytes:
                 self._refuse_size("track", body)
             if client_ip is not None:
-                _check_header_value(client_ip, "client_ip")
+                check_header_value(client_ip, "client_ip")
             if user_agent is not None:
-                _check_header_value(user_agent, "user_agent")
+                check_header_value(user_agent, "user_agent")
             item = Item(body, "track", None, client_ip, user_agent)
         else:
             event = Track(
@@ -871,37 +856,6 @@ class OpenPanel:
 _abandoned_in_child: list[Sender] = []
 
 
-def _check_api_url(api_url: object) -> str:
-    if not isinstance(api_url, str):
-        raise ConfigError(f"api_url: must be a str, not {type(api_url).__name__}")
-    url = api_url.strip().rstrip("/")
-    shown = _USERINFO_RE.sub("//***@", url)  # never echo a password given in the URL
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for an invalid port
-    except ValueError:
-        raise ConfigError(f"api_url: {shown!r} is not a valid URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"api_url: {shown!r} must be an http:// or https:// URL with a host")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ConfigError(
-            "api_url: must not carry a query, a fragment or credentials (only a path prefix)"
-        )
-    return url
-
-
-def _check_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}: must be an int >= 1, got {value!r}")
-
-
-def _check_seconds(name: str, value: object, *, allow_zero: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{name}: must be a finite number of seconds, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
 def _with_context(client_ip: str | None, user_agent: str | None) -> tuple[str | None, str | None]:
     """The end user's IP and user agent: the arguments, else the current event context's."""
     context = _current_context.get()
@@ -911,23 +865,3 @@ def _with_context(client_ip: str | None, user_agent: str | None) -> tuple[str | 
         context.client_ip if client_ip is None else client_ip,
         context.user_agent if user_agent is None else user_agent,
     )
-
-
-def _checked_global_properties(properties: object) -> dict[str, Any] | None:
-    if properties is None:
-        return None
-    if not isinstance(properties, Mapping):
-        raise ConfigError(f"global_properties: must be a dict, not {type(properties).__name__}")
-    checked = dict(properties)
-    try:
-        msgspec.json.encode(checked)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise ConfigError(f"global_properties: cannot be encoded as JSON: {exc}") from None
-    return checked or None
-
-
-def _check_header_value(value: object, field: str) -> None:
-    if not isinstance(value, str):
-        raise InvalidEventError(f"{field}: must be a str, not {type(value).__name__}")
-    if not value or _BAD_HEADER_CHARS.search(value):
-        raise InvalidEventError(f"{field}: must be non-empty and free of control characters")
