@@ -1,11 +1,18 @@
 """Process-level events a client must survive: ``os.fork()`` and interpreter exit.
 
 Clients register here; the hooks are installed once, on the first registration.
+
+The exit hook must run while ``concurrent.futures`` still accepts work: a host name is
+resolved in the event loop's default executor, and once that module's own exit hook has
+run, every lookup (so every request to ``api.openpanel.dev``) fails. ``atexit`` handlers
+run too late for that; threading's exit hooks run earlier, newest first, so ours is
+registered after that module's.
 """
 
 from __future__ import annotations
 
 import atexit
+import concurrent.futures.thread
 import os
 import threading
 import weakref
@@ -31,8 +38,19 @@ def register(client: _ProcessAware) -> None:
     with _install_lock:
         if not _installed:
             os.register_at_fork(after_in_child=_after_fork_in_child)
-            atexit.register(_at_exit)
+            _register_exit_hook()
             _installed = True
+
+
+def _register_exit_hook() -> None:
+    assert concurrent.futures.thread  # imported above: its hook is registered before ours
+    register_early = getattr(threading, "_register_atexit", None)
+    try:
+        if register_early is None:
+            raise RuntimeError("no threading._register_atexit on this Python")
+        register_early(_at_exit)
+    except RuntimeError:
+        atexit.register(_at_exit)  # a client created during shutdown: best effort
 
 
 def _after_fork_in_child() -> None:
