@@ -47,7 +47,7 @@ from ._retry import RetryPolicy
 from ._sender import ErrorCallback, Sender
 from ._stats import Stats
 from ._thread import GRACE as THREAD_GRACE
-from ._thread import DeliveryThread
+from ._thread import DeliveryThread, ThreadStopped
 from ._transport import Transport
 from ._validation import valid_names as _valid_names
 from ._version import __version__
@@ -304,8 +304,7 @@ class OpenPanel:
     async def _aclose_on_runner(self, runner: DeliveryThread) -> None:
         if runner.stopped:
             return  # closed before
-        if not runner.started:
-            self._close_unstarted(runner)
+        if not runner.started and self._close_unstarted(runner):
             return
         if runner.on_own_thread():
             await self._aclose_here()
@@ -315,22 +314,28 @@ class OpenPanel:
             closing = runner.submit(self._aclose_here())
         except ClientClosedError:
             return  # another aclose() stopped the thread meanwhile
-        # The thread stops once the drain is over, even if our caller is cancelled first.
+        # The thread stops once the drain is over, even if our caller is cancelled first
+        # (and even if the caller's loop is shutting down: the wait is detached).
         closing.add_done_callback(lambda _: runner.stop())
         try:
-            await asyncio.shield(runner.wait(closing))
+            await runner.wait(closing, detached=True)
         except ClientClosedError:
             pass  # another aclose() stopped the thread before this one ran: closed all the same
         runner.stop()
         if not await runner.join(THREAD_GRACE):
             logger.warning("openpanel_async: the delivery thread did not stop in time")
 
-    def _close_unstarted(self, runner: DeliveryThread) -> None:
-        """Close a thread-delivery client that never started; nothing was queued (the
-        first event starts the thread)."""
-        self._closed = True
+    def _close_unstarted(self, runner: DeliveryThread) -> bool:
+        """Close a thread-delivery client whose thread never started: nothing was queued
+        (the first event starts the thread). False: it started meanwhile; drain it.
+        """
+        # Refuse first: an event racing this either starts the thread before it is
+        # stopped (and is then drained) or is refused (and counted as dropped).
         self._acc.refuse(DROP_CLOSED)
-        runner.stop()
+        if not runner.stop_if_unstarted():
+            return False
+        self._closed = True
+        return True
 
     async def _aclose_here(self) -> None:
         """aclose() on the loop the sender runs on."""
@@ -367,10 +372,10 @@ class OpenPanel:
 
     def _last_chance(self) -> None:
         """At interpreter exit: one bounded attempt to deliver what a forgotten client holds."""
-        if self._closed or self._acc.pending == 0:
-            return
         if self._runner is not None:
             self._last_chance_on_runner(self._runner)
+            return
+        if self._closed or self._acc.pending == 0:
             return
         old = self._sender
         if old is not None:
@@ -392,8 +397,15 @@ class OpenPanel:
             logger.exception("openpanel_async: delivery at exit failed")
 
     def _last_chance_on_runner(self, runner: DeliveryThread) -> None:
-        # Daemon threads still run while atexit handlers do: drain on the thread, blocking.
+        # Daemon threads still run while exit hooks do: drain on the thread, blocking.
         if not runner.started or runner.on_own_thread():
+            return
+        if self._closed:
+            # An aclose() whose caller was cancelled (its loop ended) may still be
+            # draining on the thread: give it its time.
+            runner.join_blocking(self._shutdown_timeout + 2 * THREAD_GRACE)
+            return
+        if self._acc.pending == 0:
             return
         logger.warning(
             "openpanel_async: client not closed at exit; delivering %d pending events "
@@ -445,7 +457,11 @@ class OpenPanel:
         runner = self._runner
         if runner is not None:
             if not self._put_at_once(item):
-                await runner.run(self._put_when_room(item, timeout))
+                try:
+                    await runner.run(self._put_when_room(item, timeout))
+                except ThreadStopped:
+                    self._acc.count_drop(DROP_CLOSED)  # closed before it could wait
+                    raise
             return
         if self._closed and self._sender is None:
             self._acc.count_drop(DROP_CLOSED)

@@ -263,10 +263,10 @@ def decode_event(body: bytes | str) -> Event:
 
 # --- timestamps -------------------------------------------------------------------------
 
-# The last formatted millisecond: its text and the [start, end) of it in time.time_ns().
-_stamp = ""
-_stamp_from = 0
-_stamp_until = 0
+# The last formatted millisecond: (start, end) of it in time.time_ns(), and its text. One
+# tuple, read once and replaced whole, so a reader on another thread never mixes the
+# bounds of one millisecond with the text of another.
+_stamp_cache: tuple[int, int, str] = (0, 0, "")
 _second_prefix: tuple[int, str] = (-1, "")
 
 
@@ -277,8 +277,9 @@ def now_timestamp() -> str:
     millisecond, so the hot path is one clock read and one range check.
     """
     now = time.time_ns()
-    if _stamp_from <= now < _stamp_until:
-        return _stamp
+    start, end, stamp = _stamp_cache
+    if start <= now < end:
+        return stamp
     return _format_now(now)
 
 
@@ -289,7 +290,7 @@ _MILLIS_SUFFIX = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 def _format_now(now: int) -> str:
-    global _stamp, _stamp_from, _stamp_until, _second_prefix
+    global _stamp_cache, _second_prefix
     millis = now // 1_000_000
     second, ms = divmod(millis, 1000)
     cached_second, prefix = _second_prefix
@@ -297,13 +298,7 @@ def _format_now(now: int) -> str:
         prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _second_prefix = (second, prefix)
     stamp = prefix + _MILLIS_SUFFIX[ms]
-    # Three globals, so another thread may read them mid-update: the range is closed
-    # first, so such a reader formats for itself or gets a stamp off by at most a
-    # millisecond; never a malformed one.
-    _stamp_until = 0
-    _stamp = stamp
-    _stamp_from = millis * 1_000_000
-    _stamp_until = _stamp_from + 1_000_000
+    _stamp_cache = (millis * 1_000_000, (millis + 1) * 1_000_000, stamp)
     return stamp
 
 

@@ -180,8 +180,8 @@ class Sender:
         ``call_soon`` once per burst rather than once per event. (When every worker is
         busy the kick finds nothing to do; it still runs, once, so that the flag clears.)
         """
-        if self._kick_scheduled:
-            return
+        if self._kick_scheduled or self._acc.notify != self.notify:
+            return  # a kick is on its way; or we were replaced, and the flag is not ours
         if threading.get_ident() == self._thread_id:
             if self._loop.is_closed():
                 return  # the event stays queued; the next loop to use the client sends it

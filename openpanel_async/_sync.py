@@ -17,8 +17,8 @@ from typing import Any, Self
 from ._client import OpenPanel
 from ._events import Event
 from ._stats import Stats
-from ._thread import GRACE, DeliveryThread
-from .errors import ConfigError
+from ._thread import GRACE, DeliveryThread, ThreadStopped
+from .errors import ClientClosedError, ConfigError
 
 
 class SyncOpenPanel:
@@ -66,13 +66,20 @@ class SyncOpenPanel:
         item = client._prepare(event, client_ip, user_agent)
         if item is None or client._put_at_once(item):
             return
-        self._runner.run_blocking(client._put_when_room(item, timeout), timeout)
+        try:
+            self._runner.run_blocking(client._put_when_room(item, timeout), timeout)
+        except ThreadStopped:
+            client._acc.count_drop("closed")  # closed before it could wait
+            raise
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until every event accepted so far is settled; False on timeout."""
         if not self._runner.started or self._runner.stopped:
             return self._client.stats().pending == 0
-        return self._runner.run_blocking(self._client.flush(timeout), timeout)
+        try:
+            return self._runner.run_blocking(self._client.flush(timeout), timeout)
+        except ClientClosedError:
+            return self._client.stats().pending == 0  # closed meanwhile: all is settled
 
     def stats(self) -> Stats:
         return self._client.stats()
@@ -84,19 +91,19 @@ class SyncOpenPanel:
         """
         runner = self._runner
         if runner.stopped:
+            runner.join_blocking(self._shutdown_timeout + 2 * GRACE)  # another close() drains
             return
-        if not runner.started:
-            self._client._close_unstarted(runner)
+        if not runner.started and self._client._close_unstarted(runner):
             return
         try:
             # aclose() may use the drain timeout plus a second each to stop the workers and
             # to close the transport: allow for both before giving up on the thread.
             runner.run_blocking(self._client.aclose(), self._shutdown_timeout + 2 * GRACE)
+        except ClientClosedError:
+            pass  # another close() stopped the thread first
         finally:
-            finished = runner.stop()
-            thread = runner.thread
-            if finished is not None and thread is not None:
-                thread.join(GRACE)
+            runner.stop()
+            runner.join_blocking(GRACE)
 
     def __enter__(self) -> Self:
         return self

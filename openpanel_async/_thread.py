@@ -19,6 +19,10 @@ from .errors import ClientClosedError
 
 T = TypeVar("T")
 
+
+class ThreadStopped(ClientClosedError):
+    """The delivery thread stopped before a call handed to it could run or finish."""
+
 # Starting the thread and handing it one call take a millisecond; this only bounds a wait
 # on a machine that is badly overloaded.
 START_TIMEOUT = 10.0
@@ -57,7 +61,7 @@ class DeliveryThread:
             return loop
         with self._lock:
             if self._stopped:
-                raise ClientClosedError("the client is closed")
+                raise ThreadStopped("the client is closed")
             if self.loop is not None:
                 return self.loop
             loop = asyncio.new_event_loop()
@@ -111,7 +115,7 @@ class DeliveryThread:
 
         with self._lock:
             if self._stopped:
-                raise ClientClosedError("the client is closed")
+                raise ThreadStopped("the client is closed")
             loop.call_soon_threadsafe(run)
         return result.result(START_TIMEOUT)
 
@@ -123,7 +127,7 @@ class DeliveryThread:
             # whatever is handed over before stop() runs, or is cancelled when the loop ends.
             with self._lock:
                 if self._stopped:
-                    raise ClientClosedError("the client is closed")
+                    raise ThreadStopped("the client is closed")
                 return asyncio.run_coroutine_threadsafe(coroutine, loop)
         except BaseException:
             coroutine.close()
@@ -138,14 +142,19 @@ class DeliveryThread:
             return await coroutine
         return await self.wait(self.submit(coroutine))
 
-    async def wait(self, future: concurrent.futures.Future[T]) -> T:
-        """Await a future of this thread's; ClientClosedError if its loop ended first."""
+    async def wait(self, future: concurrent.futures.Future[T], *, detached: bool = False) -> T:
+        """Await a future of this thread's; ClientClosedError if its loop ended first.
+
+        ``detached``: cancelling the waiter (say, because the caller's loop is shutting
+        down) does not cancel the work on this thread, which runs to its end.
+        """
+        watched = _mirror(future) if detached else future
         try:
-            return await asyncio.wrap_future(future)
+            return await asyncio.wrap_future(watched)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if future.cancelled() and (task is None or not task.cancelling()):
-                raise ClientClosedError("the client closed before the call completed") from None
+                raise ThreadStopped("the client closed before the call completed") from None
             raise
 
     def run_blocking(self, coroutine: Coroutine[Any, Any, T], timeout: float | None) -> T:
@@ -157,7 +166,24 @@ class DeliveryThread:
         try:
             return future.result(None if timeout is None else timeout + GRACE)
         except concurrent.futures.CancelledError:
-            raise ClientClosedError("the client closed before the call completed") from None
+            raise ThreadStopped("the client closed before the call completed") from None
+
+    def stop_if_unstarted(self) -> bool:
+        """Stop a thread that never started, atomically with respect to starting it.
+
+        False: it had started (the caller must drain it before stopping it).
+        """
+        with self._lock:
+            if self.loop is not None:
+                return False
+            self._stopped = True
+            return True
+
+    def join_blocking(self, timeout: float) -> None:
+        """Block until the thread has ended (at most ``timeout`` seconds)."""
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def stop(self) -> concurrent.futures.Future[None] | None:
         """Stop the loop and let the thread end; the future completes when it has.
@@ -200,3 +226,24 @@ class DeliveryThread:
         self.loop = None
         self.thread = None
         self._finished = None
+
+
+def _mirror(future: concurrent.futures.Future[T]) -> concurrent.futures.Future[T]:
+    """A future that completes like ``future``; cancelling it leaves ``future`` alone."""
+    mirror: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def relay(done: concurrent.futures.Future[T]) -> None:
+        if mirror.done():
+            return  # cancelled by its waiter: nobody wants the outcome any more
+        try:
+            if done.cancelled():
+                mirror.cancel()
+            elif (exc := done.exception()) is not None:
+                mirror.set_exception(exc)
+            else:
+                mirror.set_result(done.result())
+        except concurrent.futures.InvalidStateError:
+            pass  # cancelled by its waiter meanwhile
+
+    future.add_done_callback(relay)
+    return mirror

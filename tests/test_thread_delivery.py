@@ -29,7 +29,7 @@ from openpanel_async import (
     TransportResponse,
 )
 from openpanel_async._thread import DeliveryThread
-from openpanel_async.testing import LocalOpenPanel, Reply
+from openpanel_async.testing import EventRecorder, LocalOpenPanel, Reply
 
 from .conftest import CLIENT_ID, CLIENT_SECRET, FAST_RETRY, assert_accounted, make_client
 
@@ -466,4 +466,75 @@ async def test_thread_client_used_before_fork_works_in_the_child(server: LocalOp
     stats = op.stats()
     assert (stats.accepted, stats.delivered) == (3, 3)
     await ended(thread)
+    assert_accounted(stats, closed=True)
+
+
+# --- races and shutdowns found in review ---------------------------------------------------------
+
+
+async def test_cancelled_aclose_keeps_draining_after_the_callers_loop_ends(
+    server: LocalOpenPanel,
+) -> None:
+    # aclose() cut short by a deadline, then the caller's loop ends (asyncio.run returns,
+    # cancelling what is left): the drain on the delivery thread must go on to the end.
+    server.script(*[Reply(delay=0.1)] * 5)
+    op = thread_client(server, shutdown_timeout=5)
+
+    async def caller() -> None:
+        await op.start()
+        for i in range(5):
+            op.track("drained", {"i": i})
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(op.aclose(), 0.02)
+
+    await asyncio.to_thread(asyncio.run, caller())
+    thread = runner_thread(op)
+    await until(lambda: not thread.is_alive(), timeout=5)
+    stats = op.stats()
+    assert (stats.delivered, stats.failed, stats.state) == (5, 0, "closed")
+    assert sorted(r.properties["i"] for r in server.requests) == [0, 1, 2, 3, 4]
+    assert_accounted(stats, closed=True)
+
+
+def test_sync_close_from_two_threads_at_once() -> None:
+    for _ in range(20):
+        op = SyncOpenPanel(client_id=CLIENT_ID, transport=EventRecorder())
+        op.track("x")
+        errors: list[BaseException] = []
+
+        def close(op: SyncOpenPanel = op, errors: list[BaseException] = errors) -> None:
+            try:
+                op.close()
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=close) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert errors == []
+        stats = op.stats()
+        assert (stats.delivered, stats.state) == (1, "closed")
+
+
+async def test_close_racing_the_first_event_still_delivers_it(
+    server: LocalOpenPanel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aclose() finds the thread not started; the first event starts it before aclose()
+    # stops it. That event was accepted, so it must be delivered, not stranded.
+    op = thread_client(server)
+    refuse = op._acc.refuse
+
+    def first_event_sneaks_in(reason: str) -> None:
+        thread = threading.Thread(target=op.track, args=("sneaked",))
+        thread.start()
+        thread.join(5)
+        refuse(reason)
+
+    monkeypatch.setattr(op._acc, "refuse", first_event_sneaks_in)
+    await op.aclose()
+    stats = op.stats()
+    assert (stats.accepted, stats.delivered, stats.state) == (1, 1, "closed")
+    assert [r.payload["name"] for r in server.requests if r.payload] == ["sneaked"]
     assert_accounted(stats, closed=True)
