@@ -254,6 +254,14 @@ class OpenPanel:
             raise ClientClosedError("the client is closed")
         return self._runner.call(self._start_on_running_loop)
 
+    def _start_on_runner_quietly(self) -> None:
+        """On the delivery thread: the lazy start asked for by an event."""
+        if self._sender is None and not self._closed:
+            try:
+                self._start_on_running_loop()
+            except ClientClosedError:
+                pass  # closed meanwhile: the events were refused or are drained by aclose()
+
     def _orphaned(self, sender: Sender) -> None:
         """The sender's loop is shutting down: the next loop to use us takes its events."""
         if self._sender is sender:
@@ -275,9 +283,12 @@ class OpenPanel:
         if self._closed:
             return
         if self._runner is not None:
+            # Without waiting for it: the event goes on the queue now, and the sender
+            # takes what is queued when it starts.
             try:
-                self._start_on_runner()
-            except ClientClosedError:
+                loop = self._runner.ensure_started()
+                loop.call_soon_threadsafe(self._start_on_runner_quietly)
+            except (ClientClosedError, RuntimeError):
                 pass  # closed meanwhile: the put that follows counts the drop
             return
         try:

@@ -23,6 +23,7 @@ T = TypeVar("T")
 class ThreadStopped(ClientClosedError):
     """The delivery thread stopped before a call handed to it could run or finish."""
 
+
 # Starting the thread and handing it one call take a millisecond; this only bounds a wait
 # on a machine that is badly overloaded.
 START_TIMEOUT = 10.0
@@ -65,25 +66,20 @@ class DeliveryThread:
             if self.loop is not None:
                 return self.loop
             loop = asyncio.new_event_loop()
-            ready = threading.Event()
             finished: concurrent.futures.Future[None] = concurrent.futures.Future()
             thread = threading.Thread(
-                target=self._run, args=(loop, ready, finished), name=self._name, daemon=True
+                target=self._run, args=(loop, finished), name=self._name, daemon=True
             )
+            self.thread, self._finished = thread, finished
+            # No need to wait for the loop to run: what is scheduled on it before then
+            # runs as soon as it does.
             thread.start()
-            if not ready.wait(START_TIMEOUT):
-                raise RuntimeError("the openpanel-async delivery thread did not start")
-            self.thread, self._finished, self.loop = thread, finished, loop
+            self.loop = loop
             return loop
 
     @staticmethod
-    def _run(
-        loop: asyncio.AbstractEventLoop,
-        ready: threading.Event,
-        finished: concurrent.futures.Future[None],
-    ) -> None:
+    def _run(loop: asyncio.AbstractEventLoop, finished: concurrent.futures.Future[None]) -> None:
         asyncio.set_event_loop(loop)
-        loop.call_soon(ready.set)
         try:
             loop.run_forever()
         finally:
