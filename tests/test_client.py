@@ -203,6 +203,8 @@ async def test_track_sends_the_same_bytes_on_its_fast_and_full_paths(
         ("page_view", _Props(a=1, b="two"), "u2", {}),  # a dict subclass: full path
         ("page_view", {"a": 1}, "u3", {"groups": ["g1", "g2"]}),
         ("page_view", {"a": 1}, None, {"client_ip": "203.0.113.9", "user_agent": "ua/1"}),
+        ("page_view", {"a": 1}, "u4", {"timestamp": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)}),
+        ("page_view", {"a": 1, "__timestamp": "2025-05-05T05:05:05.005Z"}, "u5", {}),
     ]
     async with make_client(server) as op:
         for name, props, profile_id, extra in cases:
@@ -220,13 +222,34 @@ async def test_track_sends_the_same_bytes_on_its_fast_and_full_paths(
                 groups=extra.get("groups", UNSET),
             )
         )
+        if "timestamp" in extra:
+            assert sent["__timestamp"] == "2026-01-02T03:04:05.000Z"
         assert request.body == expected, name
         assert request.headers.get("x-client-ip") == extra.get("client_ip")
+    assert server.requests[-1].properties["__timestamp"] == "2025-05-05T05:05:05.005Z"
     assert server.requests[4].properties == {
         "a": 1,
         "b": "two",
         "__timestamp": server.requests[4].properties["__timestamp"],
     }
+
+
+async def test_track_with_global_properties_sends_what_the_struct_path_sends(
+    server: LocalOpenPanel,
+) -> None:
+    async with make_client(server, global_properties={"app": "web", "a": 0}) as op:
+        op.track("page_view", {"a": 1}, profile_id="u1")
+        op.track("page_view")
+        op.send_nowait(Track(name="page_view", properties={"a": 2}, profile_id="u1"))
+        assert await op.flush(timeout=5)
+    props = [r.properties for r in server.requests]
+    stamps = [p.pop("__timestamp") for p in props]
+    assert all(TIMESTAMP_RE.fullmatch(stamp) for stamp in stamps)
+    # The event's own properties win over the global ones, on both paths.
+    assert props == [{"app": "web", "a": 1}, {"app": "web", "a": 0}, {"app": "web", "a": 2}]
+    # Same key order on the wire as well: globals first, then the event's, then the stamp.
+    first = server.requests[0].body
+    assert first.index(b'"app"') < first.index(b'"a"') < first.index(b'"__timestamp"')
 
 
 async def test_fast_path_checks_what_it_skips(server: LocalOpenPanel) -> None:

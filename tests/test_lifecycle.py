@@ -170,3 +170,33 @@ def test_client_outlives_its_event_loop() -> None:
     assert asyncio.run(second_loop()) == ["first0", "first1", "first2", "second"]
     stats = op.stats()
     assert (stats.accepted, stats.delivered, stats.pending) == (4, 4, 0)
+
+
+def test_the_next_loop_wakes_for_events_from_threads() -> None:
+    """After a loop ended without aclose(), the next loop's sender wakes for each new event
+    (the old sender's wake-up bookkeeping must not leak into the new one's)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    op = OpenPanel(client_id=CLIENT_ID, api_url=f"http://127.0.0.1:{port}", retry=FAST_RETRY)
+
+    async def first_loop() -> None:
+        async with LocalOpenPanel(port=port):
+            op.track("first")
+            assert await op.flush(timeout=5)
+        # The loop ends without aclose().
+
+    asyncio.run(first_loop())
+
+    async def second_loop() -> list[str]:
+        async with LocalOpenPanel(port=port) as srv:
+            await op.start()
+            for i in range(3):
+                await asyncio.to_thread(op.track, "threaded", {"i": i})
+                async with asyncio.timeout(5):  # no flush(): the wake-up alone must do it
+                    while len(srv.events) <= i:
+                        await asyncio.sleep(0.001)
+            await op.aclose()
+            return [f"{(r.payload or {})['name']}{r.properties['i']}" for r in srv.events]
+
+    assert asyncio.run(second_loop()) == ["threaded0", "threaded1", "threaded2"]
