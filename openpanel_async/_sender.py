@@ -118,7 +118,9 @@ class Sender:
         self._busy: dict[str, deque[Item]] = {}
         self._retries: list[tuple[float, int, Item]] = []
         self._retry_seq = itertools.count()
-        self._retry_timer: asyncio.TimerHandle | None = None
+        self._retry_timer: asyncio.Handle | None = None
+        # When it fires: kept here because uvloop's timer handles have no when().
+        self._retry_timer_at = 0.0
         self._kick_scheduled = False
         self._stopping = False
         self._log_throttle = Throttle()
@@ -220,12 +222,19 @@ class Sender:
         heap = self._retries
         while heap and heap[0][0] <= now:
             self._owned.append(heapq.heappop(heap)[2])
-        timer = self._retry_timer
-        if timer is not None and (timer.when() <= now or not heap or timer.when() > heap[0][0]):
+        timer, when = self._retry_timer, self._retry_timer_at
+        if timer is not None and (when <= now or not heap or when > heap[0][0]):
             timer.cancel()
             timer = self._retry_timer = None
         if heap and timer is None:
-            self._retry_timer = self._loop.call_at(heap[0][0], self._kick)
+            self._retry_timer_at = heap[0][0]
+            self._retry_timer = self._loop.call_at(heap[0][0], self._retry_due)
+
+    def _retry_due(self) -> None:
+        # The timer has fired: forget it, so that _kick() sets a new one if the retry is
+        # not due yet after all (uvloop's millisecond timers may fire a little early).
+        self._retry_timer = None
+        self._kick()
 
     # --- workers ------------------------------------------------------------------------
 

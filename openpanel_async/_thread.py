@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -65,7 +66,7 @@ class DeliveryThread:
                 raise ThreadStopped("the client is closed")
             if self.loop is not None:
                 return self.loop
-            loop = asyncio.new_event_loop()
+            loop = _new_event_loop()
             finished: concurrent.futures.Future[None] = concurrent.futures.Future()
             thread = threading.Thread(
                 target=self._run, args=(loop, finished), name=self._name, daemon=True
@@ -222,6 +223,20 @@ class DeliveryThread:
         self.loop = None
         self.thread = None
         self._finished = None
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when it is installed (the ``uvloop`` extra), else asyncio's.
+
+    This loop is ours, so we pick the faster one: less CPU per event on this thread also
+    means less time holding the GIL that the caller's thread needs.
+    """
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
 
 
 def _mirror(future: concurrent.futures.Future[T]) -> concurrent.futures.Future[T]:

@@ -27,6 +27,7 @@ from openpanel_async import (
     SyncOpenPanel,
     Track,
     TransportResponse,
+    _thread,
 )
 from openpanel_async._thread import DeliveryThread
 from openpanel_async.testing import EventRecorder, LocalOpenPanel, Reply
@@ -538,3 +539,28 @@ async def test_close_racing_the_first_event_still_delivers_it(
     assert (stats.accepted, stats.delivered, stats.state) == (1, 1, "closed")
     assert [r.payload["name"] for r in server.requests if r.payload] == ["sneaked"]
     assert_accounted(stats, closed=True)
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+async def test_delivery_thread_runs_either_event_loop(
+    server: LocalOpenPanel, monkeypatch: pytest.MonkeyPatch, loop_kind: str
+) -> None:
+    # uvloop is used when installed; asyncio's loop otherwise. Both must retry on time
+    # (uvloop's millisecond timers may fire a little before the retry is due).
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    else:
+        factory = asyncio.new_event_loop
+    monkeypatch.setattr(_thread, "_new_event_loop", factory)
+    server.script(
+        Reply(status=503), Reply(status=503), Reply(status=429, headers={"retry-after": "0.02"})
+    )
+    async with thread_client(server, retry=FAST_RETRY) as op:
+        op.track("retried")
+        assert await op.flush(timeout=5)
+        loop_class = type(op._runner.loop).__module__  # type: ignore[union-attr]
+        stats = op.stats()
+    assert loop_class.startswith(loop_kind)
+    assert [r.status for r in server.requests] == [503, 503, 429, 200]
+    assert (stats.delivered, stats.retries, stats.rate_limited) == (1, 3, 1)
