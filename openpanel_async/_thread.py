@@ -33,6 +33,8 @@ GRACE = 2.0
 
 
 class DeliveryThread:
+    """One client's delivery thread and its event loop; started on first use, stopped once."""
+
     def __init__(self, name: str = "openpanel-async") -> None:
         self._name = name
         self._lock = threading.Lock()
