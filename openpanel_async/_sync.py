@@ -14,6 +14,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any, Self
 
+from ._accumulator import DROP_CLOSED
 from ._client import OpenPanel
 from ._events import Event
 from ._stats import Stats
@@ -69,7 +70,7 @@ class SyncOpenPanel:
         try:
             self._runner.run_blocking(client._put_when_room(item, timeout), timeout)
         except ThreadStopped:
-            client._acc.count_drop("closed")  # closed before it could wait
+            client._acc.count_drop(DROP_CLOSED)  # closed before it could wait
             raise
 
     def flush(self, timeout: float | None = None) -> bool:

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import pytest
 
@@ -58,3 +62,24 @@ def assert_accounted(stats: Stats, *, closed: bool = False) -> None:
     if closed:
         assert stats.pending == 0
         assert stats.in_flight == 0
+
+
+def run_in_fork(child: Callable[[], Coroutine[Any, Any, bool]]) -> int:
+    """Fork; in the child, run ``child()`` in a fresh event loop and exit with 0 if it
+    returned True (3 if False, 2 if it raised). Returns the child's exit status.
+
+    Call it from a worker thread (no running loop there). The child's verdict travels in
+    its exit status; an alarm kills a child that hangs, so the parent never waits forever.
+    """
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            signal.alarm(20)
+            code = 0 if asyncio.run(child()) else 3
+        except BaseException:
+            code = 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)

@@ -14,34 +14,24 @@ import pytest
 from openpanel_async import OpenPanel
 from openpanel_async.testing import LocalOpenPanel, Reply
 
-from .conftest import CLIENT_ID, CLIENT_SECRET, FAST_RETRY, make_client
+from .conftest import CLIENT_ID, CLIENT_SECRET, FAST_RETRY, make_client, run_in_fork
 
 pytestmark = pytest.mark.anyio
 
 
 def _fork_and_use(op: OpenPanel) -> int:
-    """Runs in a worker thread (no running loop there); returns the child's exit status."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child; its result travels in the exit status
-        code = 1
-        try:
+    """Runs in a worker thread; returns the child's exit status."""
 
-            async def child() -> bool:
-                before = op.stats()
-                # The parent's queue, counters and connections are not the child's.
-                assert (before.accepted, before.pending, before.state) == (0, 0, "new")
-                op.track("from_child", {"pid": os.getpid()})
-                ok = await op.flush(timeout=5)
-                await op.aclose()
-                return ok and op.stats().delivered == 1
+    async def child() -> bool:
+        before = op.stats()
+        # The parent's queue, counters and connections are not the child's.
+        assert (before.accepted, before.pending, before.state) == (0, 0, "new")
+        op.track("from_child", {"pid": os.getpid()})
+        ok = await op.flush(timeout=5)
+        await op.aclose()
+        return ok and op.stats().delivered == 1
 
-            code = 0 if asyncio.run(child()) else 3
-        except BaseException:
-            code = 2
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    return run_in_fork(child)
 
 
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")

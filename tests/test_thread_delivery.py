@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import signal
 import threading
 import time
 from collections import Counter
@@ -32,7 +31,14 @@ from openpanel_async import (
 from openpanel_async._thread import DeliveryThread
 from openpanel_async.testing import EventRecorder, LocalOpenPanel, Reply
 
-from .conftest import CLIENT_ID, CLIENT_SECRET, FAST_RETRY, assert_accounted, make_client
+from .conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    FAST_RETRY,
+    assert_accounted,
+    make_client,
+    run_in_fork,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -419,32 +425,21 @@ def test_bad_delivery_configuration() -> None:
 
 
 def _fork_and_use(op: OpenPanel) -> int:
-    """Runs in a worker thread; the child's verdict travels in its exit status."""
+    """Runs in a worker thread; returns the child's exit status."""
     parent_thread = runner_thread(op)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            signal.alarm(20)  # never leave the parent's waitpid hanging
 
-            async def child() -> bool:
-                before = op.stats()  # the parent's queue and counters are not the child's
-                fresh = (before.accepted, before.pending, before.state) == (0, 0, "new")
-                op.track("from_child", {"pid": os.getpid()})
-                thread = runner_thread(op)  # the child's own delivery thread
-                ok = fresh and thread is not parent_thread and thread.name == THREAD_NAME
-                ok = ok and thread.is_alive() and await op.flush(timeout=5)
-                await op.aclose()
-                thread.join(2)
-                return ok and not thread.is_alive() and op.stats().delivered == 1
+    async def child() -> bool:
+        before = op.stats()  # the parent's queue and counters are not the child's
+        fresh = (before.accepted, before.pending, before.state) == (0, 0, "new")
+        op.track("from_child", {"pid": os.getpid()})
+        thread = runner_thread(op)  # the child's own delivery thread
+        ok = fresh and thread is not parent_thread and thread.name == THREAD_NAME
+        ok = ok and thread.is_alive() and await op.flush(timeout=5)
+        await op.aclose()
+        thread.join(2)
+        return ok and not thread.is_alive() and op.stats().delivered == 1
 
-            code = 0 if asyncio.run(child()) else 3
-        except BaseException:
-            code = 2
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    return run_in_fork(child)
 
 
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
