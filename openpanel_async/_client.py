@@ -100,6 +100,7 @@ class OpenPanel:
         api_url: str = DEFAULT_API_URL,
         max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        adaptive_concurrency: bool = True,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         retry: RetryPolicy | None = None,
@@ -119,6 +120,7 @@ class OpenPanel:
         self._api_url = self._url[: -len("/track")]
         _config.check_int("max_queue_size", max_queue_size)
         _config.check_int("max_concurrency", max_concurrency)
+        _config.check_bool("adaptive_concurrency", adaptive_concurrency)
         _config.check_int("max_event_bytes", max_event_bytes)
         _config.check_seconds("request_timeout", request_timeout, allow_zero=False)
         _config.check_seconds("shutdown_timeout", shutdown_timeout, allow_zero=True)
@@ -152,6 +154,7 @@ class OpenPanel:
         self._transport = transport
         self._http_client = http_client
         self._max_concurrency = max_concurrency
+        self._adaptive_concurrency = adaptive_concurrency
         self._request_timeout = float(request_timeout)
         self._shutdown_timeout = float(shutdown_timeout)
         self._idle_timeout = float(idle_timeout)
@@ -236,6 +239,7 @@ class OpenPanel:
             url=self._url,
             headers=self._headers,
             max_concurrency=self._max_concurrency,
+            adaptive_concurrency=self._adaptive_concurrency,
             request_timeout=self._request_timeout,
             retry=self._retry,
             on_error=self._on_error,

@@ -60,6 +60,11 @@ def check_int(name: str, value: object) -> None:
         raise ConfigError(f"{name}: must be an int >= 1, got {value!r}")
 
 
+def check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: must be True or False, got {value!r}")
+
+
 def check_seconds(name: str, value: object, *, allow_zero: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigError(f"{name}: must be a finite number of seconds, got {value!r}")

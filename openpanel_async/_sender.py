@@ -36,6 +36,7 @@ from ._accumulator import (
     Item,
 )
 from ._http11 import Http11Transport
+from ._limit import ConcurrencyLimit
 from ._log import Throttle, logger
 from ._outcome import Verdict, classify, server_message
 from ._retry import RetryPolicy
@@ -69,6 +70,7 @@ class Sender:
         headers: Mapping[str, str],
         max_concurrency: int,
         request_timeout: float,
+        adaptive_concurrency: bool = True,
         retry: RetryPolicy,
         on_error: ErrorCallback | None,
         idle_timeout: float,
@@ -80,8 +82,7 @@ class Sender:
         self._on_orphaned = on_orphaned
         self._url = url
         self._headers = dict(headers)
-        self._max_concurrency = max_concurrency
-        self._limit = max_concurrency
+        self._limit = ConcurrencyLimit(max_concurrency, adaptive=adaptive_concurrency)
         self._request_timeout = request_timeout
         self._retry = retry
         self._on_error = on_error
@@ -98,9 +99,6 @@ class Sender:
         self._budget_until = 0.0
         self._window_limit: int | None = None  # x-ratelimit-limit: a fresh window's budget
         self._window_end = 0.0  # loop.time() the current window ends, when we saw it start
-        # Adaptive concurrency (AIMD): halved on a 429 burst, grown back on successes.
-        self._successes = 0
-        self._decrease_blocked_until = 0.0
 
         self._loop = asyncio.get_running_loop()
         self._thread_id = threading.get_ident()
@@ -214,7 +212,7 @@ class Sender:
             if not waiter.done():
                 waiter.set_result(None)
                 backlog -= 1
-        for _ in range(min(backlog, self._limit - len(self._workers))):
+        for _ in range(min(backlog, self._limit.value - len(self._workers))):
             task = self._loop.create_task(self._worker())
             self._workers.add(task)
 
@@ -242,7 +240,7 @@ class Sender:
         task = asyncio.current_task()
         assert task is not None
         try:
-            while not self._stopping and len(self._workers) <= self._limit:
+            while not self._stopping and len(self._workers) <= self._limit.value:
                 now = self._loop.time()
                 pause = self._paused_until - now
                 if pause > 0:
@@ -335,6 +333,8 @@ class Sender:
             if item.client_ip is not None:
                 headers["x-client-ip"] = item.client_ip
         self.in_flight += 1
+        in_flight = self.in_flight
+        sent_at = loop.time()
         try:
             response = await self._transport.post(self._url, item.body, headers)
         except asyncio.CancelledError:
@@ -354,10 +354,13 @@ class Sender:
             self._read_budget(response_headers)
         elif self._budget is not None:
             self._budget = None  # the server stopped limiting us
+        if status != 429:
+            now = loop.time()
+            wanted_more = bool(self._acc.ready or self._owned)
+            if self._limit.answered(now - sent_at, in_flight, now, wanted_more=wanted_more):
+                self.notify()  # waiting events may use the new room at once
         if 200 <= status < 300 and status != 202:
             self._settle(item, delivered=True)
-            if self._limit < self._max_concurrency:
-                self._grow_concurrency()
             return
         message = server_message(body)
         verdict = classify(status, message, item.event_type)
@@ -438,21 +441,6 @@ class Sender:
             until = self._window_end
         self._budget_until = until
 
-    def _grow_concurrency(self) -> None:
-        self._successes += 1
-        if self._successes >= self._limit:
-            self._successes = 0
-            self._limit = min(self._max_concurrency, self._limit + max(1, self._limit // 2))
-            self.notify()  # waiting events may use the new room at once
-
-    def _shrink_concurrency(self) -> None:
-        # One 429 burst (all the answers to requests sent before the pause) halves once.
-        now = self._loop.time()
-        if now >= self._decrease_blocked_until:
-            self._limit = max(1, self._limit // 2)
-            self._successes = 0
-            self._decrease_blocked_until = self._paused_until
-
     def _schedule_retry(self, item: Item, due: float) -> None:
         self.retries += 1
         heapq.heappush(self._retries, (due, next(self._retry_seq), item))
@@ -483,7 +471,7 @@ class Sender:
         else:
             wait = min(requested, self._retry.max_retry_after)
             self._pause_as_asked(wait)
-        self._shrink_concurrency()
+        self._limit.rate_limited(self._loop.time(), self._paused_until)
         now = self._loop.time()
         due = max(self._paused_until, now + wait)
         assert item.first_attempt is not None
@@ -705,7 +693,7 @@ class Sender:
 
     @property
     def concurrency(self) -> int:
-        return self._limit
+        return self._limit.value
 
     @property
     def paused_for(self) -> float:

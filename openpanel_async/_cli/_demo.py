@@ -42,7 +42,7 @@ _DEMO_SECRET = "local-demo-secret"  # only ever sent to the demo's own loopback 
 _DEMO_HIGH_WATER = 1_000
 _DEMO_BATCH = 50
 # The stretch where the server rate-limits: a share of the run, and the limit itself.
-_DEMO_LIMIT = (40, 0.1)
+_DEMO_LIMIT = (5, 0.05)
 _DEMO_LIMIT_FROM, _DEMO_LIMIT_TO = 0.35, 0.65
 DEMO_RETRY = RetryPolicy(
     max_attempts=4,

@@ -94,6 +94,9 @@ class LocalOpenPanel:
         port: 0 picks a free port.
         path_prefix: serve ``{path_prefix}/track``, like a self-hosted install's ``/api``.
         response_delay: seconds before every answer (a WAN round trip, say).
+        capacity: answer at most this many requests at a time, each after
+            ``response_delay``; the others wait their turn, as on a saturated server, so
+            the round trip grows with the number of requests in flight. None: no limit.
         rate_limit: ``(requests, window_seconds)``: a fixed-window limiter. Every answer
             then carries ``x-ratelimit-limit/-remaining/-reset``; refused requests get 429
             and ``retry-after``. Times are sent in (fractional) seconds.
@@ -116,6 +119,7 @@ class LocalOpenPanel:
         port: int = 0,
         path_prefix: str = "",
         response_delay: float = 0.0,
+        capacity: int | None = None,
         rate_limit: tuple[int, float] | None = None,
         whole_seconds: bool = False,
         fail_rate: float = 0.0,
@@ -129,6 +133,9 @@ class LocalOpenPanel:
         self.port = port
         self.path_prefix = path_prefix.rstrip("/")
         self.response_delay = response_delay
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"capacity: must be >= 1 or None, got {capacity!r}")
+        self._capacity = asyncio.Semaphore(capacity) if capacity is not None else None
         self.rate_limit = rate_limit
         self.whole_seconds = whole_seconds
         self.fail_rate = fail_rate
@@ -237,7 +244,10 @@ class LocalOpenPanel:
             body = await request.read()
             reply = self._script.popleft() if self._script else None
             delay = self.response_delay if reply is None else reply.delay
-            if delay > 0:
+            if self._capacity is not None:
+                async with self._capacity:
+                    await self._sleep(delay)
+            elif delay > 0:
                 await self._sleep(delay)
             if reply is not None and reply.hang:
                 await self._stopping.wait()

@@ -1,0 +1,263 @@
+"""The adaptive concurrency limit: its rules on synthetic round trips, then the real client.
+
+The unit tests feed ``ConcurrencyLimit`` answers with chosen round trips and counts in flight
+and check every move of the limit. The end-to-end tests run the client against the local
+server: a saturated server (``capacity=1``: round trips grow with the requests in flight)
+must get few requests at once, a slow but unsaturated one (a WAN round trip) many.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from openpanel_async import ConfigError, OpenPanel
+from openpanel_async._limit import (
+    FLOOR_WINDOW,
+    MIN_ROUND,
+    PROBE_LIMIT,
+    QUEUE_HIGH,
+    RTT_TOLERANCE,
+    START,
+    ConcurrencyLimit,
+)
+from openpanel_async.testing import LocalOpenPanel
+
+from .conftest import CLIENT_ID, CLIENT_SECRET
+
+pytestmark = pytest.mark.anyio
+
+
+class Feed:
+    """Answers for one ConcurrencyLimit on a synthetic clock."""
+
+    def __init__(self, limit: ConcurrencyLimit) -> None:
+        self.limit = limit
+        self.now = 0.0
+
+    def answers(
+        self, count: int, rtt: float, in_flight: int | None = None, *, wanted: bool = True
+    ) -> list[int]:
+        """``count`` answers, ``in_flight`` each (default: the limit); the limit after each."""
+        values = []
+        for _ in range(count):
+            self.now += rtt / max(1, self.limit.value)
+            n = self.limit.value if in_flight is None else in_flight
+            self.limit.answered(rtt, n, self.now, wanted_more=wanted)
+            values.append(self.limit.value)
+        return values
+
+    def past_probe(self, rtt: float) -> None:
+        """Answer the probe the first answer starts, at ``rtt`` (no queue)."""
+        self.answers(1, rtt)
+        assert self.limit.probing
+        while self.limit.probing:
+            self.answers(1, rtt, PROBE_LIMIT)
+
+
+def test_starts_at_start_or_the_maximum() -> None:
+    assert ConcurrencyLimit(256).value == START
+    assert ConcurrencyLimit(10).value == 10
+    assert ConcurrencyLimit(256, adaptive=False).value == 256
+
+
+def test_the_first_answer_probes_the_floor_then_the_limit_returns() -> None:
+    limit = ConcurrencyLimit(256)
+    feed = Feed(limit)
+    feed.answers(1, 0.050)
+    assert limit.probing
+    assert limit.value == PROBE_LIMIT
+    # The START requests already in flight answer first, then MIN_ROUND at PROBE_LIMIT.
+    values = feed.answers(START + MIN_ROUND - 1, 0.060, PROBE_LIMIT)
+    assert values == [PROBE_LIMIT] * (START + MIN_ROUND - 1)
+    feed.answers(1, 0.050, PROBE_LIMIT)
+    assert not limit.probing
+    assert limit.value == START
+    assert limit.floor == 0.050
+
+
+def test_a_long_round_trip_with_no_queue_grows_to_the_maximum_while_events_wait() -> None:
+    limit = ConcurrencyLimit(256)
+    feed = Feed(limit)
+    feed.past_probe(0.050)
+    # A busy loop adds a little to every round trip; under RTT_TOLERANCE x the floor that
+    # is no queue, however many requests are in flight. The limit doubles per round.
+    rounds = [feed.answers(limit.value, 0.050 * 1.8)[-1] for _ in range(3)]
+    assert rounds == [128, 256, 256]
+
+
+def test_no_growth_without_waiting_events_or_while_the_limit_is_not_reached() -> None:
+    limit = ConcurrencyLimit(256)
+    feed = Feed(limit)
+    feed.past_probe(0.050)
+    feed.answers(3 * START, 0.050, wanted=False)
+    assert limit.value == START
+    # Events wait, but fewer requests than the limit are in flight: the limit is not what
+    # holds them back (they just arrived).
+    feed.answers(3 * START, 0.050, in_flight=START // 2)
+    assert limit.value == START
+
+
+def test_a_queue_cuts_the_limit_at_most_by_half_per_round_down_to_queue_high() -> None:
+    limit = ConcurrencyLimit(256)
+    feed = Feed(limit)
+    feed.past_probe(0.001)
+    # A saturated path: the round trip is proportional to the requests in flight.
+    values = []
+    for _ in range(8):
+        feed.answers(limit.value, 0.001 * limit.value)
+        values.append(limit.value)
+    # served = n * floor / rtt = 1, so the target is 1 + QUEUE_HIGH; halving on the way.
+    assert values[:2] == [START // 2, START // 4]
+    assert values[-1] == 1 + QUEUE_HIGH
+    assert min(values) == 1 + QUEUE_HIGH  # never below: queueing alone cannot starve it
+
+
+def test_a_slow_round_within_tolerance_is_no_queue() -> None:
+    limit = ConcurrencyLimit(256)
+    feed = Feed(limit)
+    feed.past_probe(0.050)
+    feed.answers(limit.value, 0.050 * (RTT_TOLERANCE - 0.1), wanted=False)
+    assert limit.value == START
+    feed.answers(limit.value, 0.050 * (RTT_TOLERANCE + 0.5), wanted=False)
+    assert limit.value < START
+
+
+def test_it_settles_where_queue_high_requests_wait() -> None:
+    limit = ConcurrencyLimit(256)
+    feed = Feed(limit)
+    feed.past_probe(0.010)
+    # Round trips 2.5x the floor whatever the count: n * (1 - 1 / 2.5) wait. The cuts go
+    # to ceil(n / 2.5) + QUEUE_HIGH: 64 -> 34 -> 22 -> 17 -> 15 -> 14, where 14 - 6 = 8
+    # wait, and there it stays.
+    values = []
+    for _ in range(8):
+        feed.answers(limit.value, 0.025)
+        values.append(limit.value)
+    assert values == [34, 22, 17, 15, 14, 14, 14, 14]
+    # Slowed, but fewer than QUEUE_HIGH waiting (14 * (1 - 10 / 22) = 7.6): the limit
+    # grows to what would leave QUEUE_HIGH waiting, ceil(14 * 10 / 22) + 8 = 15.
+    feed.answers(limit.value, 0.022)
+    assert limit.value == 15
+
+
+def test_the_floor_is_probed_again_every_floor_window() -> None:
+    limit = ConcurrencyLimit(256)
+    feed = Feed(limit)
+    feed.past_probe(0.010)
+    assert limit.floor == 0.010
+    # The server became slower for good: 0.040 with no queue. Until the next probe the
+    # rounds look queued (the limit is cut) ...
+    feed.answers(limit.value, 0.040)
+    assert limit.value < START
+    assert not limit.probing
+    feed.now += FLOOR_WINDOW
+    feed.answers(1, 0.040)
+    assert limit.probing
+    assert limit.value == PROBE_LIMIT
+    while limit.probing:
+        feed.answers(1, 0.040, PROBE_LIMIT)
+    # ... and after it the new floor holds: nothing queues, so it grows back.
+    assert limit.floor == 0.040
+    cut = limit.value
+    feed.answers(limit.value, 0.040)
+    assert limit.value == 2 * cut
+
+
+def test_a_429_burst_halves_once_and_answers_grow_it_back() -> None:
+    limit = ConcurrencyLimit(32, adaptive=False)
+    limit.rate_limited(now=1.0, paused_until=1.5)
+    assert limit.value == 16
+    limit.rate_limited(now=1.2, paused_until=1.5)  # the same burst
+    assert limit.value == 16
+    limit.rate_limited(now=1.6, paused_until=2.0)  # a new one
+    assert limit.value == 8
+    feed = Feed(limit)
+    feed.now = 2.0
+    # Every `limit` answers without a 429 grow it by half: 8 -> 12 -> 18 -> 27 -> 32.
+    grown = []
+    for _ in range(4):
+        feed.answers(limit.value, 0.001)
+        grown.append(limit.value)
+    assert grown == [12, 18, 27, 32]
+
+
+def test_without_adaptation_queueing_never_moves_the_limit() -> None:
+    limit = ConcurrencyLimit(64, adaptive=False)
+    feed = Feed(limit)
+    for rtt in (0.001, 0.064, 0.640):
+        feed.answers(256, rtt)
+        assert limit.value == 64
+        assert not limit.probing
+
+
+def test_the_lower_of_the_429_cut_and_the_queue_cut_applies() -> None:
+    limit = ConcurrencyLimit(256)
+    feed = Feed(limit)
+    feed.past_probe(0.001)
+    limit.rate_limited(now=feed.now, paused_until=feed.now)
+    assert limit.value == START // 2
+    # A queue then cuts further; the 429 cut's recovery cannot lift it past the queue cut.
+    for _ in range(6):
+        feed.answers(limit.value, 0.001 * limit.value)
+    assert limit.value == 1 + QUEUE_HIGH
+
+
+# --- the real client ----------------------------------------------------------------------
+
+
+def _client(url: str, **options: object) -> OpenPanel:
+    return OpenPanel(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, api_url=url, **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("http_client", ["aiohttp", "builtin"])
+async def test_a_saturated_server_gets_few_requests_at_once(http_client: str) -> None:
+    # One request at a time, 1 ms each: 64 in flight would only wait 64 ms in its queue.
+    async with LocalOpenPanel(response_delay=0.001, capacity=1) as server:
+        op = _client(server.url, max_concurrency=64, http_client=http_client)
+        async with op:
+            for n in range(400):
+                assert op.track("queued", {"n": n})
+            while op.stats().delivered < 250:
+                await asyncio.sleep(0.005)
+            server.reset()  # the peak from here on
+            assert await op.flush(timeout=10)
+        stats = op.stats()
+        assert (stats.delivered, stats.failed) == (400, 0)
+        assert stats.concurrency <= 2 * QUEUE_HIGH
+        assert server.peak_in_flight <= 2 * QUEUE_HIGH
+
+
+async def test_without_adaptation_a_saturated_server_gets_max_concurrency() -> None:
+    async with LocalOpenPanel(response_delay=0.001, capacity=1) as server:
+        op = _client(server.url, max_concurrency=64, adaptive_concurrency=False)
+        async with op:
+            for n in range(200):
+                assert op.track("queued", {"n": n})
+            assert await op.flush(timeout=10)
+        assert op.stats().delivered == 200
+        assert server.peak_in_flight == 64
+
+
+async def test_a_long_round_trip_grows_past_the_start() -> None:
+    # A WAN round trip, no queue: requests in flight are what delivers.
+    async with LocalOpenPanel(response_delay=0.05) as server:
+        op = _client(server.url, max_concurrency=256)
+        async with op:
+            for n in range(1200):
+                assert op.track("far", {"n": n})
+            assert await op.flush(timeout=10)
+        assert op.stats().delivered == 1200
+        assert server.peak_in_flight >= 2 * START
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_adaptive_concurrency_must_be_a_bool(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"adaptive_concurrency: must be True or False"):
+        _client("http://127.0.0.1:9", adaptive_concurrency=value)
+
+
+def test_the_local_server_refuses_a_capacity_below_one() -> None:
+    with pytest.raises(ValueError, match="capacity"):
+        LocalOpenPanel(capacity=0)
