@@ -91,10 +91,17 @@ def _summary(samples: Sequence[int], overhead: int) -> dict[str, float]:
     }
 
 
-async def _measure(url: str, calls: int, thread_calls: int, batch: int) -> dict[str, Any]:
+async def _measure(
+    url: str, calls: int, thread_calls: int, batch: int, delivery: str
+) -> dict[str, Any]:
     encode = msgspec.json.Encoder().encode
     raw_queue: deque[bytes] = deque()
-    op = make_client(url, max_queue_size=calls + thread_calls + 2 * batch, shutdown_timeout=0.3)
+    op = make_client(
+        url,
+        max_queue_size=calls + thread_calls + 2 * batch,
+        shutdown_timeout=0.3,
+        delivery=delivery,
+    )
     await op.start()
     try:
         # Warm up: the name cache, the timestamp cache, the sender and its connections.
@@ -161,18 +168,20 @@ async def _measure(url: str, calls: int, thread_calls: int, batch: int) -> dict[
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(
-        __doc__ or "",
-        argv,
-        lambda p: p.add_argument("--batch", type=int, default=50, help="calls per loop turn"),
-    )
+    def setup(parser: Any) -> None:
+        parser.add_argument("--batch", type=int, default=50, help="calls per loop turn")
+        parser.add_argument(
+            "--delivery", choices=("loop", "thread"), default="loop", help="the client's mode"
+        )
+
+    args = parse_args(__doc__ or "", argv, setup)
     quick: bool = args.quick
     calls = 20_000 if quick else 200_000
     thread_calls = 10_000 if quick else 100_000
     report = Report("bench_caller_cost", "1. Caller cost of track()", quick)
     quiet_library_logs()
     with BenchServer(ServerOptions()) as server:
-        data = asyncio.run(_measure(server.url, calls, thread_calls, args.batch))
+        data = asyncio.run(_measure(server.url, calls, thread_calls, args.batch, args.delivery))
     report.details = data
     co, co_raw = data["coroutine"], data["coroutine_raw"]
     th, th_raw = data["thread"], data["thread_raw"]
@@ -245,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     report.note(
         f"{calls:,} timed calls from a coroutine and {thread_calls:,} from a thread, batches of "
-        f"{args.batch}; timer overhead {data['overhead_ns']} ns subtracted; "
+        f"{args.batch}; delivery={args.delivery!r}; timer overhead {data['overhead_ns']} ns subtracted; "
         f"dropped {data['dropped']}."
     )
     return finish(report, args.json)

@@ -1,31 +1,41 @@
-"""How many requests may be in flight at once: ``max_concurrency``, lowered when more only waits.
+"""How many requests may be in flight at once: ``max_concurrency``, lowered when more only wait.
 
 One event per request means delivered events/s = requests in flight / round trip, so over a
 slow link the client needs many requests in flight. But once something on the path is
 saturated (the server, or the client's own event loop handling answers), every extra request
 only waits in a queue: the round trip grows, throughput does not, and the event loop spends
-ever longer iterations handling a flood of answers at once (that is the "loop lag" your other
-tasks feel). Two signals therefore lower the limit:
+ever longer iterations handling a flood of answers at once (that is the "loop lag" the
+application's other tasks feel). Two signals therefore lower the limit:
 
-- **Queueing** (delay-based, in the manner of TCP Vegas): the fastest recent round trip is
-  what a request costs with no queue. With ``n`` requests in flight taking ``rtt`` each
-  against that floor, about ``n * (1 - floor / rtt)`` of them are waiting rather than being
-  served. A round is one limit's worth of answers (about one round trip). After each,
-  while events wait for a free slot, the limit grows: by half while fewer than
-  ``QUEUE_LOW`` queue, else up to where ``QUEUE_HIGH`` would. Above ``QUEUE_HIGH`` it
-  shrinks to that point (at most by half per round: one slow round, a noisy neighbour or
-  a GC pause, must not cut it all the way). It starts at ``START`` and grows by half per
-  round trip from there. Over a 50 ms round trip with an idle loop nothing queues, so the
-  limit grows to what the demand needs, up to ``max_concurrency``; over loopback, where
-  our own loop is the bottleneck, it settles at a few dozen.
+- **Queueing** (delay-based, in the manner of TCP Vegas). The floor, the fastest recent
+  round trip, is what a request costs with no queue. With ``n`` requests in flight taking
+  ``rtt`` each, about ``n * floor / rtt`` are being served and the rest wait. A round is
+  one limit's worth of answers (about one round trip). After each round:
+
+  - when round trips exceed ``RTT_TOLERANCE`` times the floor and more than
+    ``QUEUE_HIGH`` requests wait, the limit is cut to what would leave ``QUEUE_HIGH``
+    waiting, by at most half per round (one slow round, a noisy neighbour or a GC pause,
+    must not cut it all the way);
+  - otherwise, while the limit holds events back, it doubles if round trips are within
+    the tolerance (or fewer than ``QUEUE_LOW`` wait), else grows to what would leave
+    ``QUEUE_HIGH`` waiting.
+
+  It starts at ``START``. Over a 50 ms round trip the client's own delays of a few
+  milliseconds are within the tolerance, so the limit grows to what the demand needs, up
+  to ``max_concurrency``. Over loopback, where the client's loop is the bottleneck, it
+  settles near ``QUEUE_HIGH`` plus the few the server answers at once.
 - **429s** (AIMD): one burst of 429s halves the limit; every ``limit`` answers without one
-  grow it back by half, up to where queueing allows.
+  grow it back by half.
 
 The two are kept apart (``value`` is the lower of them) so that recovering from a 429 storm
 does not wait for a backlog, and a queue does not hide behind a 429 cut.
 
-The floor is the minimum round trip over the last ``FLOOR_WINDOW`` to ``2 * FLOOR_WINDOW``
-seconds, so a server that has become slower for good is not mistaken for a queue for long.
+Under steady load every round trip includes some queueing, so a floor taken from them would
+creep up and hide the queue. The first answer, and the first after every ``FLOOR_WINDOW``
+seconds, therefore start a probe: the limit drops to ``PROBE_LIMIT`` until the requests
+already in flight and ``MIN_ROUND`` more have answered, and the floor is measured afresh
+(a server that has become slower for good is thus taken for a queue for one window at
+most). A probe costs about two round trips at ``PROBE_LIMIT`` in flight.
 """
 
 from __future__ import annotations

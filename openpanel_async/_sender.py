@@ -334,7 +334,9 @@ class Sender:
                 headers["x-client-ip"] = item.client_ip
         self.in_flight += 1
         in_flight = self.in_flight
-        sent_at = loop.time()
+        # Not loop.time(): uvloop's is in whole milliseconds, cached per loop iteration,
+        # and a round trip on a near server is a fraction of one.
+        sent_at = time.perf_counter()
         try:
             response = await self._transport.post(self._url, item.body, headers)
         except asyncio.CancelledError:
@@ -355,7 +357,7 @@ class Sender:
         elif self._budget is not None:
             self._budget = None  # the server stopped limiting us
         if status != 429:
-            now = loop.time()
+            now = time.perf_counter()
             wanted_more = bool(self._acc.ready or self._owned)
             if self._limit.answered(now - sent_at, in_flight, now, wanted_more=wanted_more):
                 self.notify()  # waiting events may use the new room at once
