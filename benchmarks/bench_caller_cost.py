@@ -254,8 +254,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     report.note(
         f"{calls:,} timed calls from a coroutine and {thread_calls:,} from a thread, batches of "
-        f"{args.batch}; delivery={args.delivery!r}; timer overhead {data['overhead_ns']} ns subtracted; "
-        f"dropped {data['dropped']}."
+        f"{args.batch}; delivery={args.delivery!r}; "
+        f"timer overhead {data['overhead_ns']} ns subtracted; dropped {data['dropped']}."
     )
     return finish(report, args.json)
 
