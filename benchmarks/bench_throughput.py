@@ -73,7 +73,7 @@ async def _library_run(op: OpenPanel, count: int) -> dict[str, Any]:
 
 
 async def _configuration(
-    server: BenchServer, loop_name: str, concurrency: int, events: int
+    server: BenchServer, loop_name: str, concurrency: int, events: int, adaptive: bool
 ) -> dict[str, Any]:
     """Both senders on one loop: warm-up, then ROUNDS ABBA blocks of ``events / 2 / ROUNDS``.
 
@@ -88,7 +88,7 @@ async def _configuration(
     }
     block_rates: list[dict[str, float]] = []
     lost = 0
-    op = make_client(server.url, max_concurrency=concurrency)
+    op = make_client(server.url, max_concurrency=concurrency, adaptive_concurrency=adaptive)
     async with op, minimal_session(concurrency) as session:
         # Warm up the server, the loop and the connections before anything is timed: the
         # first thousand requests of a fresh process are measurably slower.
@@ -148,6 +148,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             help="events per configuration and sender (default 8000)",
         )
         parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16, 64])
+        parser.add_argument(
+            "--fixed-concurrency",
+            action="store_true",
+            help="adaptive_concurrency=False: always max_concurrency in flight, like the baseline",
+        )
 
     args = parse_args(__doc__ or "", argv, setup)
     quick: bool = args.quick
@@ -156,7 +161,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     quiet_library_logs()
     with BenchServer(ServerOptions()) as server:
         configurations = [
-            run_on(loop_name, _configuration, server, loop_name, conc, events)
+            run_on(
+                loop_name,
+                _configuration,
+                server,
+                loop_name,
+                conc,
+                events,
+                not args.fixed_concurrency,
+            )
             for loop_name in loop_names()
             for conc in args.concurrency
         ]
@@ -197,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{conf['block_ratios']}"
         )
     report.note(
+        f"adaptive_concurrency={not args.fixed_concurrency}; "
         f"{events:,} events per configuration and sender in {ROUNDS} ABBA blocks; ratio = "
         f"median of the blocks' ratios; the busiest server used {busiest_server:.0%} of a core."
     )
