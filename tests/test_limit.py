@@ -211,11 +211,17 @@ def _client(url: str, **options: object) -> OpenPanel:
     return OpenPanel(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, api_url=url, **options)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("http_client", ["aiohttp", "builtin"])
-async def test_a_saturated_server_gets_few_requests_at_once(http_client: str) -> None:
+@pytest.mark.parametrize(
+    ("http_client", "delivery"),
+    [("aiohttp", "loop"), ("builtin", "loop"), ("builtin", "thread")],
+)
+async def test_a_saturated_server_gets_few_requests_at_once(
+    http_client: str, delivery: str
+) -> None:
     # One request at a time, 1 ms each: 64 in flight would only wait 64 ms in its queue.
+    # (With delivery="thread" the sender runs on its own loop: uvloop's when installed.)
     async with LocalOpenPanel(response_delay=0.001, capacity=1) as server:
-        op = _client(server.url, max_concurrency=64, http_client=http_client)
+        op = _client(server.url, max_concurrency=64, http_client=http_client, delivery=delivery)
         async with op:
             for n in range(400):
                 assert op.track("queued", {"n": n})
