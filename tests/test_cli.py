@@ -401,6 +401,8 @@ def test_user_mistakes_end_as_one_line_and_exit_2(tmp_path: Path) -> None:
         (["send", "alias", "x"], "argument TYPE: invalid choice: 'alias'"),
         (["import", ".", "--client-id", CLIENT_ID], "cannot read .: Is a directory"),
         (["serve", "--rate-limit", "10/x"], "argument --rate-limit: expected REQUESTS/s"),
+        (["serve", "--rate-limit", "100/"], "argument --rate-limit: expected REQUESTS/s"),
+        (["serve", "--rate-limit", "0/s"], "argument --rate-limit: expected REQUESTS/s"),
         (["serve", "--fail-rate", "2"], "argument --fail-rate: must be between 0 and 1"),
         (["serve", "--port", "70000"], "argument --port: must be between 0 and 65535"),
         (["demo", "--api-url", "http://127.0.0.1:9"], "--api-url and --client-secret need"),
@@ -757,6 +759,15 @@ def test_demo_runs_locally_and_ends_with_a_table() -> None:
     p99 = float(table_value(out, "track() p99 cost").removesuffix(" µs"))
     assert 0 < mean <= p99
     assert f"the server stored {table_value(out, 'delivered')}." in out
+
+
+def test_demo_timeout_applies_to_the_local_run_too() -> None:
+    # A microsecond per request: every attempt times out, so nothing is delivered.
+    result = run("demo", "--seconds", "0.1", "--events", "50", "--timeout", "0.000001")
+    assert result.returncode == 1, result.stderr
+    out = result.stdout
+    assert table_value(out, "delivered") == "0"
+    assert table_value(out, "failed") == table_value(out, "accepted") == "50"
 
 
 def read_all(fd: int) -> bytes:

@@ -192,7 +192,7 @@ async def _demo_against(server: LocalOpenPanel, args: argparse.Namespace) -> int
         Target(server.url, DEMO_CLIENT_ID, _DEMO_SECRET),
         on_error=lambda error: None,  # counted in stats(); the table shows them
         retry=DEMO_RETRY,
-        request_timeout=5.0,
+        request_timeout=args.timeout,
         shutdown_timeout=5.0,
     )
     limit, window = _DEMO_LIMIT

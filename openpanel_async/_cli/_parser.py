@@ -57,7 +57,9 @@ def parse_rate(text: str) -> tuple[int, float]:
     match = re.fullmatch(
         r"\s*(\d+)\s*(?:/\s*(\d+(?:\.\d+)?|\.\d+)?\s*(s|sec|m|min)?)?\s*", text, re.IGNORECASE
     )
-    if match is None or int(match.group(1)) < 1:
+    # A "/" must be followed by a window ("100/" is a typo, not "per second").
+    incomplete = match is not None and "/" in text and not (match.group(2) or match.group(3))
+    if match is None or incomplete or int(match.group(1)) < 1:
         raise argparse.ArgumentTypeError(
             f"expected REQUESTS/s such as 100/s, 100/10s or 600/min, got {text!r}"
         )
