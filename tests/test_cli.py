@@ -33,7 +33,7 @@ from openpanel_async import __version__, _cli
 from openpanel_async._cli._common import Target, make_client
 from openpanel_async._cli._import import IMPORT_RETRY, Importer
 from openpanel_async._cli._input import LongLine, Source, split_lines
-from openpanel_async._cli._parser import parse_property, parse_rate
+from openpanel_async._cli._parser import build_parser, parse_property, parse_rate
 from openpanel_async.testing import LocalOpenPanel, ReceivedRequest, Reply
 
 CLIENT_ID = "5f1c1c1e-0000-4000-8000-00000000abcd"
@@ -830,6 +830,21 @@ def test_prop_values_are_json_when_they_parse(text: str, value: object) -> None:
 )  # fmt: skip
 def test_rate_limits(text: str, rate: tuple[int, float]) -> None:
     assert parse_rate(text) == rate
+
+
+@pytest.mark.parametrize(
+    ("args", "verbose"),
+    [
+        (["-v", "send", "track", "x"], True),
+        (["send", "-v", "track", "x"], True),
+        (["send", "track", "x", "--verbose"], True),
+        (["send", "track", "x"], False),
+        (["-v", "serve"], True),
+        (["serve"], False),
+    ],
+)
+def test_verbose_is_taken_before_or_after_the_command(args: list[str], verbose: bool) -> None:
+    assert getattr(build_parser().parse_args(args), "verbose", False) is verbose
 
 
 def test_lines_split_across_chunks_and_overlong_lines() -> None:

@@ -53,7 +53,7 @@ def _safe_streams() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     _safe_streams()
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    _configure_logging(getattr(args, "verbose", False))
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

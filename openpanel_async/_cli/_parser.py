@@ -146,11 +146,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
 
 
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand's parser must not reset to False a -v given before its name
+    # (argparse copies every default of a subparser over the parent's values).
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="also show the client library's log",
+    )
+
+
 def _common_options() -> _Parser:
     common = _Parser(add_help=False)
-    common.add_argument(
-        "-v", "--verbose", action="store_true", help="also show the client library's log"
-    )
+    _add_verbose(common)
     return common
 
 
@@ -190,6 +200,7 @@ def _add_send_parsers(commands: Any, common: _Parser, credentials: _Parser) -> N
         "it was delivered, 1 with the server's message when not.",
     )
     send.set_defaults(handler=cmd_send)
+    _add_verbose(send)  # also before the event type: `send -v track ...`
     kinds = send.add_subparsers(dest="event_type", metavar="TYPE", required=True)
     parents = [common, credentials]
 
@@ -260,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{ENV_CLIENT_ID}/{ENV_CLIENT_SECRET}/{ENV_API_URL}. Start with '{PROG} demo'.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    _add_verbose(parser)  # also before the command: `openpanel-async -v send ...`
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = _common_options()
     credentials = _credential_options()
