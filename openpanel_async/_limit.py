@@ -16,26 +16,32 @@ application's other tasks feel). Two signals therefore lower the limit:
     ``QUEUE_HIGH`` requests wait, the limit is cut to what would leave ``QUEUE_HIGH``
     waiting, by at most half per round (one slow round, a noisy neighbour or a GC pause,
     must not cut it all the way);
-  - otherwise, while the limit holds events back, it doubles if round trips are within
-    the tolerance (or fewer than ``QUEUE_LOW`` wait), else grows to what would leave
-    ``QUEUE_HIGH`` waiting.
+  - otherwise, while the limit holds events back: if round trips are within the
+    tolerance (or fewer than ``QUEUE_LOW`` wait) it doubles, but only up to the level
+    of the last cut, and above that grows by ``QUEUE_LOW`` per round (TCP's slow start
+    and congestion avoidance); else it grows to what would leave ``QUEUE_HIGH`` waiting.
 
   It starts at ``START``. Over a 50 ms round trip the client's own delays of a few
   milliseconds are within the tolerance, so the limit grows to what the demand needs, up
   to ``max_concurrency``. Over loopback, where the client's loop is the bottleneck, it
-  settles near ``QUEUE_HIGH`` plus the few the server answers at once.
+  settles near ``QUEUE_HIGH`` plus the few the server answers at once. A server that
+  answers many at once and queues the rest gets a sawtooth: up by ``QUEUE_LOW`` per round
+  until its queue doubles the round trip, then cut.
 - **429s** (AIMD): one burst of 429s halves the limit; every ``limit`` answers without one
   grow it back by half.
+
+Only successful answers are round trips: a proxy's fast 502 says nothing about the server.
 
 The two are kept apart (``value`` is the lower of them) so that recovering from a 429 storm
 does not wait for a backlog, and a queue does not hide behind a 429 cut.
 
 Under steady load every round trip includes some queueing, so a floor taken from them would
 creep up and hide the queue. The first answer, and the first after every ``FLOOR_WINDOW``
-seconds, therefore start a probe: the limit drops to ``PROBE_LIMIT`` until the requests
-already in flight and ``MIN_ROUND`` more have answered, and the floor is measured afresh
-(a server that has become slower for good is thus taken for a queue for one window at
-most). A probe costs about two round trips at ``PROBE_LIMIT`` in flight.
+seconds, therefore start a probe: the limit drops to ``PROBE_LIMIT`` until ``MIN_ROUND``
+requests sent during the probe have answered (those already in flight drain first), and
+the floor is measured afresh from them (a server that has become slower for good is thus
+taken for a queue for one window at most). A probe costs about three round trips at
+``PROBE_LIMIT`` in flight: one to drain, two for its answers.
 """
 
 from __future__ import annotations
@@ -64,7 +70,8 @@ class ConcurrencyLimit:
         "_floor",
         "_floor_before",
         "_next_probe",
-        "_probe_left",
+        "_probe_fresh",
+        "_probe_since",
         "_queue_cap",
         "_rate_answers",
         "_rate_cap",
@@ -72,6 +79,7 @@ class ConcurrencyLimit:
         "_round_in_flight",
         "_round_rtt",
         "_round_wanted_more",
+        "_slow_start_until",
         "maximum",
         "value",
     )
@@ -81,13 +89,18 @@ class ConcurrencyLimit:
         self._adaptive = adaptive
         # How many can go without queueing (without adaptation: all of them).
         self._queue_cap = min(maximum, START) if adaptive else maximum
+        # Like TCP's ssthresh: the queue cap doubles per round below it, and grows by
+        # QUEUE_LOW per round above it. Set by every cut, so that the limit creeps back
+        # towards the level that queued instead of overshooting it again at once.
+        self._slow_start_until = maximum
         self._rate_cap = maximum  # lowered by 429 bursts
         self._rate_answers = 0  # answers since the rate cap last moved
         self._floor = math.inf  # fastest round trip since the last probe started
         self._floor_before = math.inf  # the floor the probe before found
         # The first answer starts a probe: the floor is known before the limit moves.
         self._next_probe = -math.inf  # set when a probe ends
-        self._probe_left = 0  # answers the current probe still waits for
+        self._probe_since: float | None = None  # when the current probe started
+        self._probe_fresh = 0  # its answers to requests sent after it started
         self._round_answers = 0
         self._round_rtt = 0.0
         self._round_in_flight = 0
@@ -102,13 +115,15 @@ class ConcurrencyLimit:
 
     @property
     def probing(self) -> bool:
-        return self._probe_left > 0
+        return self._probe_since is not None
 
     def answered(self, rtt: float, in_flight: int, now: float, *, wanted_more: bool) -> bool:
-        """Record one answer: its round trip, how many requests were in flight with it.
+        """Record one successful answer: its round trip, how many were in flight with it.
 
-        ``wanted_more``: events were waiting for a free slot when it came. Returns True when
-        the limit grew, so the caller can start sending more at once.
+        Only successes count: a proxy's fast 502 says nothing about the server's round
+        trip, and would set the floor far too low. ``wanted_more``: events were waiting
+        for a free slot when it came. Returns True when the limit grew, so the caller can
+        start sending more at once.
         """
         before = self.value
         if rtt < self._floor:
@@ -119,12 +134,16 @@ class ConcurrencyLimit:
                 self._rate_answers = 0
                 self._rate_cap = min(self.maximum, self._rate_cap + max(1, self._rate_cap // 2))
         if self._adaptive:
-            if self._probe_left:
-                self._probe_left -= 1
-                if not self._probe_left:
-                    self._next_probe = now + FLOOR_WINDOW
+            if self._probe_since is not None:
+                # Only answers to requests sent during the probe met no queue of ours; those
+                # already in flight when it began are drained first, however many they are.
+                if now - rtt >= self._probe_since:
+                    self._probe_fresh += 1
+                    if self._probe_fresh >= MIN_ROUND:
+                        self._probe_since = None
+                        self._next_probe = now + FLOOR_WINDOW
             elif now >= self._next_probe:
-                self._start_probe()
+                self._start_probe(now)
             else:
                 self._count(rtt, in_flight, wanted_more)
         self._set_value()
@@ -133,7 +152,8 @@ class ConcurrencyLimit:
     def rate_limited(self, now: float, paused_until: float) -> None:
         """A 429: halve the limit, once for the whole burst answered before the pause ends."""
         if now >= self._cut_blocked_until:
-            self._rate_cap = max(1, self.value // 2)
+            # The limit outside a probe: a probe's PROBE_LIMIT is no level to halve.
+            self._rate_cap = max(1, min(self._queue_cap, self._rate_cap) // 2)
             self._rate_answers = 0
             self._cut_blocked_until = paused_until
             self._clear_round()
@@ -141,17 +161,18 @@ class ConcurrencyLimit:
 
     def _set_value(self) -> None:
         value = min(self._queue_cap, self._rate_cap)
-        self.value = min(value, PROBE_LIMIT) if self._probe_left else value
+        self.value = min(value, PROBE_LIMIT) if self._probe_since is not None else value
 
-    def _start_probe(self) -> None:
+    def _start_probe(self, now: float) -> None:
         # Under steady load every round trip includes some queueing, so the floor would
         # creep up and hide the queue. Every FLOOR_WINDOW seconds, hold PROBE_LIMIT
         # requests in flight for a moment: the requests already in flight answer first,
         # then MIN_ROUND answers that met (almost) no queue set the floor afresh.
         self._floor_before = self.floor
         self._floor = math.inf
-        # (The limit bounds how many are in flight now.)
-        self._probe_left = self.value + MIN_ROUND
+        self._probe_since = now
+        self._probe_fresh = 0
+        self._slow_start_until = self.maximum  # a fresh look at how far the limit may grow
         self._clear_round()
 
     def _clear_round(self) -> None:
@@ -174,7 +195,8 @@ class ConcurrencyLimit:
             return
         mean_rtt = self._round_rtt / answers
         mean_in_flight = self._round_in_flight / answers
-        wanted = self._round_wanted_more
+        # Growing is for when the queue cap is what holds events back, not a 429 cut.
+        wanted = self._round_wanted_more and self._queue_cap <= self._rate_cap
         self._clear_round()
 
         floor = self.floor
@@ -186,9 +208,13 @@ class ConcurrencyLimit:
         slowed = mean_rtt > RTT_TOLERANCE * floor
         if queued > QUEUE_HIGH and slowed:
             cap = min(cap, max(target, cap // 2))
+            self._slow_start_until = cap
         elif wanted:
             if queued < QUEUE_LOW or not slowed:
-                cap *= 2
+                if cap < self._slow_start_until:
+                    cap = min(cap * 2, self._slow_start_until)
+                else:
+                    cap += QUEUE_LOW
             else:
                 cap = max(cap, target)
         self._queue_cap = min(cap, self.maximum)

@@ -207,8 +207,18 @@ class Sender:
         now = self._loop.time()
         self._promote_due_retries(now)
         backlog = len(self._owned) + len(self._acc.ready)
-        while backlog > 0 and self._idle:
-            waiter = self._idle.pop()
+        idle = self._idle
+        if backlog and idle:
+            # Workers over a lowered limit exit when they wake: wake those first (they run
+            # first, too), so that the ones woken for the backlog find room under it.
+            excess = len(self._workers) - self._limit.value
+            while excess > 0 and idle:
+                waiter = idle.pop(0)  # the longest idle
+                if not waiter.done():
+                    waiter.set_result(None)
+                    excess -= 1
+        while backlog > 0 and idle:
+            waiter = idle.pop()
             if not waiter.done():
                 waiter.set_result(None)
                 backlog -= 1
@@ -286,6 +296,13 @@ class Sender:
             self._break(exc)
         finally:
             self._workers.discard(task)
+            # Left over a lowered limit: never leave events waiting with room to send them.
+            if (
+                not self._stopping
+                and (self._owned or self._acc.ready)
+                and len(self._workers) < self._limit.value
+            ):
+                self.notify()
 
     async def _wait_for_work(self) -> bool:
         """Sleep until woken (True) or idle for too long (False: the worker should exit)."""
@@ -356,14 +373,14 @@ class Sender:
             self._read_budget(response_headers)
         elif self._budget is not None:
             self._budget = None  # the server stopped limiting us
-        if status != 429:
+        if 200 <= status < 300:
             now = time.perf_counter()
             wanted_more = bool(self._acc.ready or self._owned)
             if self._limit.answered(now - sent_at, in_flight, now, wanted_more=wanted_more):
                 self.notify()  # waiting events may use the new room at once
-        if 200 <= status < 300 and status != 202:
-            self._settle(item, delivered=True)
-            return
+            if status != 202:
+                self._settle(item, delivered=True)
+                return
         message = server_message(body)
         verdict = classify(status, message, item.event_type)
         if verdict is Verdict.RATE_LIMITED:
