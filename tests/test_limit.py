@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 
 import pytest
 
@@ -47,6 +48,15 @@ class Feed:
             self.now += rtt / max(1, self.limit.value)
             n = self.limit.value if in_flight is None else in_flight
             self.limit.answered(rtt, n, self.now, wanted_more=wanted)
+            values.append(self.limit.value)
+        return values
+
+    def rounds(self, count: int, rtt: float | Callable[[int], float]) -> list[int]:
+        """``count`` rounds of ``limit`` answers each (``rtt``: fixed, or of the limit)."""
+        values = []
+        for _ in range(count):
+            n = self.limit.value
+            self.answers(n, rtt(n) if callable(rtt) else rtt)
             values.append(self.limit.value)
         return values
 
@@ -111,8 +121,7 @@ def test_a_long_round_trip_with_no_queue_grows_to_the_maximum_while_events_wait(
     feed.past_probe(0.050)
     # A busy loop adds a little to every round trip; under RTT_TOLERANCE x the floor that
     # is no queue, however many requests are in flight. The limit doubles per round.
-    rounds = [feed.answers(limit.value, 0.050 * 1.8)[-1] for _ in range(3)]
-    assert rounds == [128, 256, 256]
+    assert feed.rounds(3, 0.050 * 1.8) == [128, 256, 256]
 
 
 def test_no_growth_without_waiting_events_or_while_the_limit_is_not_reached() -> None:
@@ -132,10 +141,7 @@ def test_a_queue_cuts_the_limit_at_most_by_half_per_round_down_to_queue_high() -
     feed = Feed(limit)
     feed.past_probe(0.001)
     # A saturated path: the round trip is proportional to the requests in flight.
-    values = []
-    for _ in range(8):
-        feed.answers(limit.value, 0.001 * limit.value)
-        values.append(limit.value)
+    values = feed.rounds(8, lambda n: 0.001 * n)
     # served = n * floor / rtt = 1, so the target is 1 + QUEUE_HIGH; halving on the way.
     assert values[:2] == [START // 2, START // 4]
     assert values[-1] == 1 + QUEUE_HIGH
@@ -159,11 +165,7 @@ def test_it_settles_where_queue_high_requests_wait() -> None:
     # Round trips 2.5x the floor whatever the count: n * (1 - 1 / 2.5) wait. The cuts go
     # to ceil(n / 2.5) + QUEUE_HIGH: 64 -> 34 -> 22 -> 17 -> 15 -> 14, where 14 - 6 = 8
     # wait, and there it stays.
-    values = []
-    for _ in range(8):
-        feed.answers(limit.value, 0.025)
-        values.append(limit.value)
-    assert values == [34, 22, 17, 15, 14, 14, 14, 14]
+    assert feed.rounds(8, 0.025) == [34, 22, 17, 15, 14, 14, 14, 14]
     # Slowed, but fewer than QUEUE_HIGH waiting (14 * (1 - 10 / 22) = 7.6): the limit
     # grows to what would leave QUEUE_HIGH waiting, ceil(14 * 10 / 22) + 8 = 15.
     feed.answers(limit.value, 0.022)
@@ -175,12 +177,10 @@ def test_a_server_answering_many_at_once_gets_no_2x_swings() -> None:
     limit = ConcurrencyLimit(256)
     feed = Feed(limit)
     feed.past_probe(0.010)
-    values = []
-    for _ in range(40):
-        feed.answers(limit.value, 0.010 * max(1.0, limit.value / 40))
-        values.append(limit.value)
-    # It doubles until a round queues (64 -> 128: cut to 40 + 8 = 48 at most halving, so
-    # 64), then creeps back up by QUEUE_LOW per round rather than doubling past it again.
+    values = feed.rounds(40, lambda n: 0.010 * max(1.0, n / 40))
+    # 64 doubles to 128, which queues: cut to 64 (at most by half). From there up by
+    # QUEUE_LOW per round until the queue doubles the round trip (past 80), cut to
+    # 40 + QUEUE_HIGH = 48, and so on: a sawtooth between 48 and 80, not 2x swings.
     settled = values[5:]
     assert max(settled) <= 2 * 40 + QUEUE_LOW, values
     assert min(settled) >= 40, values
@@ -223,11 +223,7 @@ def test_a_429_burst_halves_once_and_answers_grow_it_back() -> None:
     feed = Feed(limit)
     feed.now = 2.0
     # Every `limit` answers without a 429 grow it by half: 8 -> 12 -> 18 -> 27 -> 32.
-    grown = []
-    for _ in range(4):
-        feed.answers(limit.value, 0.001)
-        grown.append(limit.value)
-    assert grown == [12, 18, 27, 32]
+    assert feed.rounds(4, 0.001) == [12, 18, 27, 32]
 
 
 def test_without_adaptation_queueing_never_moves_the_limit() -> None:
@@ -244,8 +240,7 @@ def test_the_lower_of_the_429_cut_and_the_queue_cut_applies() -> None:
     feed = Feed(limit)
     feed.past_probe(0.001)
     # A queue cuts the limit to 1 + QUEUE_HIGH ...
-    for _ in range(6):
-        feed.answers(limit.value, 0.001 * limit.value)
+    feed.rounds(6, lambda n: 0.001 * n)
     queue_cut = 1 + QUEUE_HIGH
     assert limit.value == queue_cut
     # ... a 429 then halves that ...
@@ -255,11 +250,7 @@ def test_the_lower_of_the_429_cut_and_the_queue_cut_applies() -> None:
     # answers. The queue cap does not grow meanwhile (the 429 cap held events back, not
     # it): the limit reaches the queue cut, then grows by QUEUE_LOW per round above it,
     # the level that queued last.
-    values = []
-    for _ in range(4):
-        feed.answers(limit.value, 0.001)
-        values.append(limit.value)
-    assert values == [6, queue_cut, queue_cut + QUEUE_LOW, queue_cut + 2 * QUEUE_LOW]
+    assert feed.rounds(4, 0.001) == [6, queue_cut, queue_cut + QUEUE_LOW, queue_cut + 2 * QUEUE_LOW]
 
 
 # --- the real client ----------------------------------------------------------------------
