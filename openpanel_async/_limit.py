@@ -30,10 +30,9 @@ application's other tasks feel). Two signals therefore lower the limit:
 - **429s** (AIMD): one burst of 429s halves the limit; every ``limit`` answers without one
   grow it back by half.
 
-Only successful answers are round trips: a proxy's fast 502 says nothing about the server.
-
 The two are kept apart (``value`` is the lower of them) so that recovering from a 429 storm
-does not wait for a backlog, and a queue does not hide behind a 429 cut.
+does not wait for a backlog, and a queue does not hide behind a 429 cut. Only successful
+answers are round trips: a proxy's fast 502 says nothing about the server.
 
 Under steady load every round trip includes some queueing, so a floor taken from them would
 creep up and hide the queue. The first answer, and the first after every ``FLOOR_WINDOW``
