@@ -32,7 +32,8 @@ application's other tasks feel). Two signals therefore lower the limit:
 
 The two are kept apart (``value`` is the lower of them) so that recovering from a 429 storm
 does not wait for a backlog, and a queue does not hide behind a 429 cut. Only successful
-answers are round trips: a proxy's fast 502 says nothing about the server.
+answers are round trips (a proxy's fast 502 says nothing about the server), and timeouts,
+as round trips of at least the request timeout.
 
 Under steady load every round trip includes some queueing, so a floor taken from them would
 creep up and hide the queue. The first answer, and the first after every ``FLOOR_WINDOW``
@@ -147,6 +148,17 @@ class ConcurrencyLimit:
                 self._count(rtt, in_flight, wanted_more)
         self._set_value()
         return self.value > before
+
+    def timed_out(self, waited: float, in_flight: int, now: float) -> None:
+        """A request got no answer within the request timeout: a round trip of ``waited``.
+
+        A server so slow that requests time out is the longest queue of all: counting
+        these keeps the client from holding ``max_concurrency`` requests (and their
+        retries) against it. They never set the floor nor end a probe.
+        """
+        if self._adaptive and self._probe_since is None and now < self._next_probe:
+            self._count(waited, in_flight, wanted_more=False)
+            self._set_value()
 
     def rate_limited(self, now: float, paused_until: float) -> None:
         """A 429: halve the limit, once for the whole burst answered before the pause ends."""

@@ -361,6 +361,9 @@ class Sender:
         except Exception as exc:
             # Timeouts, resets, refused connections, and anything else a misbehaving server
             # can provoke inside aiohttp: all retryable, none may kill the worker.
+            if isinstance(exc, TimeoutError):
+                now = time.perf_counter()
+                self._limit.timed_out(now - sent_at, in_flight, now)
             self._retry_later(item, None, None, exc, 0)
             return
         finally:

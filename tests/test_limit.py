@@ -25,7 +25,7 @@ from openpanel_async._limit import (
     START,
     ConcurrencyLimit,
 )
-from openpanel_async.testing import LocalOpenPanel
+from openpanel_async.testing import LocalOpenPanel, Reply
 
 from .conftest import CLIENT_ID, CLIENT_SECRET
 
@@ -212,6 +212,25 @@ def test_the_floor_is_probed_again_every_floor_window() -> None:
     assert limit.value == 2 * cut
 
 
+def test_timeouts_count_as_long_round_trips_but_never_as_the_floor() -> None:
+    limit = ConcurrencyLimit(256)
+    feed = Feed(limit)
+    feed.past_probe(0.010)
+    for i in range(START):
+        limit.timed_out(0.300, START, now=feed.now + 0.3 + i * 0.001)
+    # 64 waited 30x the floor: cut by half (the target, 2 + 8, is lower).
+    assert limit.value == START // 2
+    assert limit.floor == 0.010
+    # During a probe they are ignored: only answers end it.
+    limit._next_probe = 0.0
+    feed.answers(1, 0.010)
+    assert limit.probing
+    for _ in range(100):
+        limit.timed_out(0.300, 4, now=feed.now)
+    assert limit.probing
+    assert limit.value == PROBE_LIMIT
+
+
 def test_a_429_burst_halves_once_and_answers_grow_it_back() -> None:
     limit = ConcurrencyLimit(32, adaptive=False)
     limit.rate_limited(now=1.0, paused_until=1.5)
@@ -337,6 +356,29 @@ async def test_an_event_right_after_a_probe_starts_is_sent_at_once() -> None:
             assert op.track("after_the_probe_started")
             assert await op.flush(timeout=1)
         assert op.stats().delivered == 3 * 64 + 2
+
+
+async def test_requests_that_time_out_lower_the_limit() -> None:
+    # 100 ms round trips: the limit grows (to 64, unless this loop is slow); then the
+    # server stops answering for a while and a round of requests times out (0.3 s, 3x the
+    # floor): the limit is cut instead of holding them all, and their retries, against it.
+    async with LocalOpenPanel(response_delay=0.1) as server:
+        op = _client(server.url, max_concurrency=64, request_timeout=0.3)
+        async with op:
+            for n in range(400):
+                assert op.track("before", {"n": n})
+            assert await op.flush(timeout=10)
+            before = op.stats().concurrency
+            assert before > 2 * QUEUE_HIGH
+            server.script(*[Reply(hang=True)] * 64)
+            for n in range(64):
+                assert op.track("hangs", {"n": n})
+            async with asyncio.timeout(5):
+                while op.stats().retries < 64:
+                    await asyncio.sleep(0.01)
+            assert op.stats().concurrency < before
+            assert await op.flush(timeout=10)
+        assert op.stats().delivered == 464
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None])
