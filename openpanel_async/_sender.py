@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import math
 import threading
 import time
 from collections import deque
@@ -39,6 +38,7 @@ from ._http11 import Http11Transport
 from ._limit import ConcurrencyLimit
 from ._log import Throttle, logger
 from ._outcome import Verdict, classify, server_message
+from ._pacing import WindowBudget
 from ._retry import RetryPolicy
 from ._transport import AiohttpTransport, Transport
 from .errors import (
@@ -54,9 +54,6 @@ from .errors import (
 # the server, so a few spaced attempts are worth it, but not the whole retry budget.
 _PROFILE_PENDING_ATTEMPTS = 4
 _DROP_REPORT_INTERVAL = 10.0
-# How often a worker looks again when a fresh rate-limit window's budget is spent and no
-# response has reported the remaining budget yet.
-_BUDGET_POLL = 0.005
 
 ErrorCallback = Callable[[DeliveryError], Any]
 
@@ -94,11 +91,8 @@ class Sender:
         self.in_flight = 0
         self._paused_until = 0.0  # loop.time(); nothing is sent before it
         # What the server's x-ratelimit-* headers allow until the window resets: requests
-        # are paced to it instead of running into 429s. None: no current information.
-        self._budget: int | None = None
-        self._budget_until = 0.0
-        self._window_limit: int | None = None  # x-ratelimit-limit: a fresh window's budget
-        self._window_end = 0.0  # loop.time() the current window ends, when we saw it start
+        # are paced to it instead of running into 429s.
+        self._budget = WindowBudget(retry.max_retry_after)
 
         self._loop = asyncio.get_running_loop()
         self._thread_id = threading.get_ident()
@@ -256,34 +250,20 @@ class Sender:
                 if pause > 0:
                     await asyncio.sleep(pause)
                     continue
-                if self._budget is not None:
-                    if now >= self._budget_until:
-                        # A new window: its budget is the limit, until an answer says more.
-                        self._budget = self._window_limit
-                        self._budget_until = math.inf
-                    elif self._budget <= 0:
-                        if self._budget_until == math.inf:
-                            if self.in_flight == 0:
-                                # No answer can come to tell us more (those requests
-                                # failed on the network): stop guessing, send again.
-                                self._budget = None
-                                continue
-                            # A fresh window's budget is spent and no answer has told us
-                            # more yet: wait a moment for one rather than guess.
-                            await asyncio.sleep(_BUDGET_POLL)
+                if self._budget.remaining is not None:
+                    wait, whole_client = self._budget.wait(now, self.in_flight)
+                    if wait > 0:
+                        if whole_client:
+                            self._pause(wait)
                         else:
-                            # Our own pacing to a known window end: no jitter. Clients
-                            # sharing the limit may all start at the boundary; the
-                            # window's count, not its first instant, is what is limited.
-                            self._pause(self._budget_until - now)
+                            await asyncio.sleep(wait)
                         continue
                 item = self._take()
                 if item is None:
                     if await self._wait_for_work():
                         continue
                     return
-                if self._budget is not None:
-                    self._budget -= 1
+                self._budget.spend()
                 self._current[task] = item
                 await self._attempt(item)
                 # Not in a finally: after a cancellation close() needs to find the item.
@@ -372,10 +352,7 @@ class Sender:
         response_headers = response.headers
         body = response.body
 
-        if "x-ratelimit-remaining" in response_headers:
-            self._read_budget(response_headers)
-        elif self._budget is not None:
-            self._budget = None  # the server stopped limiting us
+        self._budget.read(response_headers, loop.time(), time.time(), self.in_flight)
         if 200 <= status < 300:
             now = time.perf_counter()
             wanted_more = bool(self._acc.ready or self._owned)
@@ -438,30 +415,6 @@ class Sender:
         if self._paused_until >= self._loop.time() + requested:
             return
         self._pause(self._retry.server_wait(requested))
-
-    def _read_budget(self, headers: Mapping[str, str]) -> None:
-        budget = _ratelimit.window_budget(headers, time.time())
-        if budget is None:
-            self._budget = None  # nothing usable to pace by
-            return
-        remaining, reset = budget
-        # A window longer than we accept to wait is treated as that long, like Retry-After.
-        reset = min(reset, self._retry.max_retry_after)
-        now = self._loop.time()
-        # Requests still in flight were sent after the server counted this one.
-        self._budget = remaining - self.in_flight
-        until = now + reset
-        limit = _ratelimit.window_limit(headers)
-        if limit is not None:
-            self._window_limit = limit
-            if remaining == limit - 1:
-                # The first answer of a window: its reset spans the whole window. Servers
-                # that round the reset up to whole seconds (the real one does) would
-                # otherwise keep us waiting up to a second past every window's end.
-                self._window_end = until
-        if now < self._window_end < until:
-            until = self._window_end
-        self._budget_until = until
 
     def _schedule_retry(self, item: Item, due: float) -> None:
         self.retries += 1

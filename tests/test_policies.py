@@ -12,6 +12,7 @@ from multidict import CIMultiDict
 
 from openpanel_async import ConfigError, RetryPolicy
 from openpanel_async._outcome import MAX_MESSAGE_CHARS, Verdict, classify, server_message
+from openpanel_async._pacing import BUDGET_POLL, WindowBudget
 from openpanel_async._ratelimit import (
     parse_reset,
     parse_retry_after,
@@ -125,6 +126,71 @@ WINDOW: list[tuple[list[tuple[str, str]], tuple[int, float] | None]] = [
 @pytest.mark.parametrize(("pairs", "expected"), WINDOW)
 def test_window_budget(pairs: list[tuple[str, str]], expected: tuple[int, float] | None) -> None:
     assert window_budget(CIMultiDict(pairs), NOW) == expected
+
+
+# --- _pacing ---------------------------------------------------------------------------
+
+
+def limit_headers(limit: int, remaining: int, reset: str) -> CIMultiDict[str]:
+    return CIMultiDict(
+        [
+            ("X-RateLimit-Limit", str(limit)),
+            ("X-RateLimit-Remaining", str(remaining)),
+            ("X-RateLimit-Reset", reset),
+        ]
+    )
+
+
+def test_pacing_spends_the_window_then_pauses_every_request_until_its_end() -> None:
+    budget = WindowBudget(max_wait=60.0)
+    assert budget.wait(0.0, 0) == (0.0, False)  # nothing known: no pacing
+    # 5 left in a window that ends in 1 s; 2 requests are still out (already counted).
+    budget.read(limit_headers(10, 5, "1"), now=100.0, now_wall=NOW, in_flight=2)
+    assert budget.remaining == 3
+    for _ in range(3):
+        assert budget.wait(100.1, 0) == (0.0, False)
+        budget.spend()
+    assert budget.wait(100.25, 0) == (0.75, True)
+    # The window ends: a fresh one is assumed to allow the limit until an answer says.
+    assert budget.wait(101.0, 0) == (0.0, False)
+    assert budget.remaining == 10
+
+
+def test_pacing_polls_for_news_when_a_fresh_window_is_spent() -> None:
+    budget = WindowBudget(max_wait=60.0)
+    budget.read(limit_headers(2, 0, "0.5"), now=0.0, now_wall=NOW, in_flight=0)
+    assert budget.wait(0.5, 3) == (0.0, False)  # a new window: 2 allowed
+    budget.spend()
+    budget.spend()
+    # Spent, its end not yet told, answers on their way: look again shortly.
+    assert budget.wait(0.6, 3) == (BUDGET_POLL, False)
+    # No request left to answer (they failed on the network): stop guessing.
+    assert budget.wait(0.6, 0) == (0.0, False)
+    assert budget.remaining is None
+
+
+def test_pacing_caps_long_windows_and_ends_rounded_ones_on_time() -> None:
+    budget = WindowBudget(max_wait=5.0)
+    budget.read(limit_headers(100, 0, "3600"), now=0.0, now_wall=NOW, in_flight=0)
+    assert budget.wait(0.0, 0) == (5.0, True)  # an hour is treated as max_wait
+    budget = WindowBudget(max_wait=60.0)
+    # The window's first answer says 0.4 s left; a later one rounds its reset up to 1 s
+    # (whole seconds, as the real server sends them): the window still ends at 0.4.
+    budget.read(limit_headers(3, 2, "0.4"), now=10.0, now_wall=NOW, in_flight=0)
+    budget.read(limit_headers(3, 0, "1"), now=10.1, now_wall=NOW, in_flight=0)
+    wait, whole_client = budget.wait(10.2, 0)
+    assert whole_client
+    assert wait == pytest.approx(0.2)
+
+
+def test_pacing_stops_when_the_headers_stop() -> None:
+    budget = WindowBudget(max_wait=60.0)
+    budget.read(limit_headers(10, 0, "1"), now=0.0, now_wall=NOW, in_flight=0)
+    assert budget.wait(0.0, 0) == (1.0, True)
+    budget.read(CIMultiDict(), now=0.1, now_wall=NOW, in_flight=0)
+    assert budget.wait(0.1, 0) == (0.0, False)
+    budget.read(limit_headers(10, 0, "soon"), now=0.2, now_wall=NOW, in_flight=0)
+    assert budget.remaining is None  # unreadable: nothing to pace by
 
 
 # --- _retry ----------------------------------------------------------------------------
