@@ -7,8 +7,9 @@ only waits in a queue: the round trip grows, throughput does not, and the event 
 ever longer iterations handling a flood of answers at once (that is the "loop lag" the
 application's other tasks feel). Two signals therefore lower the limit:
 
-- **Queueing** (delay-based, in the manner of TCP Vegas). The floor, the fastest recent
-  round trip, is what a request costs with no queue. With ``n`` requests in flight taking
+- **Queueing** (delay-based, in the manner of TCP Vegas). The floor, the median round trip
+  of a few requests sent with almost nothing else in flight, is what a request costs with
+  no queue. With ``n`` requests in flight taking
   ``rtt`` each, about ``n * floor / rtt`` are being served and the rest wait. A round is
   one limit's worth of answers (about one round trip). After each round:
 
@@ -39,9 +40,10 @@ Under steady load every round trip includes some queueing, so a floor taken from
 creep up and hide the queue. The first answer, and the first after every ``FLOOR_WINDOW``
 seconds, therefore start a probe: the limit drops to ``PROBE_LIMIT`` until ``MIN_ROUND``
 requests sent during the probe have answered (those already in flight drain first), and
-the floor is measured afresh from them (a server that has become slower for good is thus
-taken for a queue for one window at most). A probe costs about three round trips at
-``PROBE_LIMIT`` in flight: one to drain, two for its answers.
+the floor is the median of their round trips (a server that has become slower for good is
+thus taken for a queue for one window at most). The median, not the minimum: a server
+whose answers vary from 10 to 30 ms is not queueing when most take 20. A probe costs
+about three round trips at ``PROBE_LIMIT`` in flight: one to drain, two for its answers.
 """
 
 from __future__ import annotations
@@ -68,9 +70,8 @@ class ConcurrencyLimit:
         "_adaptive",
         "_cut_blocked_until",
         "_floor",
-        "_floor_before",
         "_next_probe",
-        "_probe_fresh",
+        "_probe_rtts",
         "_probe_since",
         "_queue_cap",
         "_rate_answers",
@@ -95,12 +96,12 @@ class ConcurrencyLimit:
         self._slow_start_until = maximum
         self._rate_cap = maximum  # lowered by 429 bursts
         self._rate_answers = 0  # answers since the rate cap last moved
-        self._floor = math.inf  # fastest round trip since the last probe started
-        self._floor_before = math.inf  # the floor the probe before found
+        self._floor = math.inf  # what the last probe measured (inf: none yet)
         # The first answer starts a probe: the floor is known before the limit moves.
         self._next_probe = -math.inf  # set when a probe ends
         self._probe_since: float | None = None  # when the current probe started
-        self._probe_fresh = 0  # its answers to requests sent after it started
+        # Round trips of its answers to requests sent after it started.
+        self._probe_rtts: list[float] = []
         self._round_answers = 0
         self._round_rtt = 0.0
         self._round_in_flight = 0
@@ -110,8 +111,8 @@ class ConcurrencyLimit:
 
     @property
     def floor(self) -> float:
-        """The fastest recent round trip (inf until the first answer)."""
-        return self._floor if self._floor < math.inf else self._floor_before
+        """The round trip with no queue, as the last probe measured it (inf before one)."""
+        return self._floor
 
     @property
     def probing(self) -> bool:
@@ -121,13 +122,11 @@ class ConcurrencyLimit:
         """Record one successful answer: its round trip, how many were in flight with it.
 
         Only successes count: a proxy's fast 502 says nothing about the server's round
-        trip, and would set the floor far too low. ``wanted_more``: events were waiting
+        trip. ``wanted_more``: events were waiting
         for a free slot when it came. Returns True when the limit grew, so the caller can
         start sending more at once.
         """
         before = self.value
-        if rtt < self._floor:
-            self._floor = rtt
         if self._rate_cap < self.maximum:
             self._rate_answers += 1
             if self._rate_answers >= self._rate_cap:
@@ -138,8 +137,11 @@ class ConcurrencyLimit:
                 # Only answers to requests sent during the probe met no queue of ours; those
                 # already in flight when it began are drained first, however many they are.
                 if now - rtt >= self._probe_since:
-                    self._probe_fresh += 1
-                    if self._probe_fresh >= MIN_ROUND:
+                    rtts = self._probe_rtts
+                    rtts.append(rtt)
+                    if len(rtts) >= MIN_ROUND:
+                        rtts.sort()
+                        self._floor = rtts[len(rtts) // 2]
                         self._probe_since = None
                         self._next_probe = now + FLOOR_WINDOW
             elif now >= self._next_probe:
@@ -179,10 +181,8 @@ class ConcurrencyLimit:
         # creep up and hide the queue. Every FLOOR_WINDOW seconds, hold PROBE_LIMIT
         # requests in flight for a moment: the requests already in flight answer first,
         # then MIN_ROUND answers that met (almost) no queue set the floor afresh.
-        self._floor_before = self.floor
-        self._floor = math.inf
         self._probe_since = now
-        self._probe_fresh = 0
+        self._probe_rtts = []
         self._slow_start_until = self.maximum  # a fresh look at how far the limit may grow
         self._clear_round()
 

@@ -172,6 +172,25 @@ def test_it_settles_where_queue_high_requests_wait() -> None:
     assert limit.value == 15
 
 
+def test_round_trips_that_vary_are_no_queue() -> None:
+    # A server answering in 10 to 34 ms whatever the load: the floor is the probe's median
+    # (24 ms), so rounds averaging 22 ms with 64 in flight are no reason to cut. (From the
+    # minimum, 10 ms, they would look like 35 requests queued, and be cut.)
+    limit = ConcurrencyLimit(256)
+    limit.answered(0.020, 1, now=1.0, wanted_more=True)
+    spread = [0.010 + 0.024 * i / (MIN_ROUND - 1) for i in range(MIN_ROUND)]
+    for i, rtt in enumerate(spread):
+        limit.answered(rtt, PROBE_LIMIT, now=1.1 + 0.03 * i, wanted_more=True)
+    assert not limit.probing
+    assert limit.floor == spread[MIN_ROUND // 2]
+    now = 2.0
+    for _ in range(4):
+        for rtt in spread * (limit.value // MIN_ROUND):
+            now += 0.001
+            limit.answered(rtt, limit.value, now=now, wanted_more=False)
+    assert limit.value == START
+
+
 def test_a_server_answering_many_at_once_gets_no_2x_swings() -> None:
     # A server answering 40 at once, the rest queued there: rtt = floor * max(1, n / 40).
     limit = ConcurrencyLimit(256)
