@@ -56,7 +56,8 @@ from .errors import ClientClosedError, ConfigError, InvalidEventError, SendTimeo
 DEFAULT_API_URL = "https://api.openpanel.dev"
 DEFAULT_MAX_QUEUE_SIZE = 10_000
 # Over a 50 ms round trip, one event per request needs ~100 in flight for 2,000 events/s
-# (Little's law). The pool only grows to this under backlog and shrinks when idle.
+# (Little's law). The pool only grows to this under backlog, while requests do not queue
+# (see _limit), and shrinks when idle.
 DEFAULT_MAX_CONCURRENCY = 256
 DEFAULT_REQUEST_TIMEOUT = 10.0
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
@@ -90,6 +91,10 @@ class OpenPanel:
     event loop instead of yours: your loop then only pays for ``track()``, which keeps its
     latency flat at high event rates. ``flush()``, ``send()`` and ``aclose()`` are awaited
     the same way; ``on_error`` is then called on the delivery thread.
+
+    Up to ``max_concurrency`` requests are in flight at once. With ``adaptive_concurrency``
+    (the default) fewer are while more would only wait in a queue (round trips well over
+    the unloaded one): that keeps each event-loop iteration short and spares a slow server.
     """
 
     def __init__(

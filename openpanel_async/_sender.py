@@ -2,8 +2,9 @@
 
 Each worker takes one event at a time and POSTs it, so the number of live workers is the
 number of requests in flight. Workers are started when events wait and none is idle (up to
-the concurrency limit) and exit after sitting idle for a while, so the pool follows demand
-instead of holding idle connections. There is no per-event task.
+the concurrency limit, which ``_limit.ConcurrencyLimit`` adapts to the round trips) and exit
+after sitting idle for a while, or when the limit falls below their number, so the pool
+follows demand instead of holding idle connections. There is no per-event task.
 
 Where an event can come from, in the order workers take them:
 1. ``_owned``: events that may go now and already hold their profile's ordering slot (due
