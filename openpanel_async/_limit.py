@@ -122,9 +122,8 @@ class ConcurrencyLimit:
         """Record one successful answer: its round trip, how many were in flight with it.
 
         Only successes count: a proxy's fast 502 says nothing about the server's round
-        trip. ``wanted_more``: events were waiting
-        for a free slot when it came. Returns True when the limit grew, so the caller can
-        start sending more at once.
+        trip. ``wanted_more``: events were waiting for a free slot when it came. Returns
+        True when the limit grew, so the caller can start sending more at once.
         """
         before = self.value
         if self._rate_cap < self.maximum:
