@@ -649,8 +649,8 @@ async def test_steady_rate_limit_is_paced_to_r() -> None:
     straddling the threshold can be neither a strict xfail (the suite would fail whenever a
     run lands above it) nor a plain assertion (it would fail most runs). What pacing must
     always do is asserted outright. With adaptive concurrency (fewer requests in flight
-    when the limit appears) runs measure about 97.5% of R and no 429 at all, so the goal
-    is now met every time; the xfail stays as the report should that change.
+    when the limit appears) 7 runs measured 97-99% of R and no 429 at all: the goal was
+    met every time. The xfail stays, as the report should that change.
     """
     rate, window = 300, 0.5  # R = 300 requests per second, in fixed windows of 0.5 s
     ledger = Ledger()
