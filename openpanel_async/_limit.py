@@ -58,6 +58,8 @@ PROBE_LIMIT = QUEUE_LOW
 # round trip, a busy event loop's few milliseconds of delay make no queue, and halving
 # the requests in flight would halve delivery.
 RTT_TOLERANCE = 2.0
+# A timeout counts as a round trip of at most this many floors (see timed_out()).
+TIMEOUT_WEIGHT = 2 * RTT_TOLERANCE
 FLOOR_WINDOW = 10.0
 # A round is at least this many answers (and at least the limit): fewer are too noisy.
 MIN_ROUND = 8
@@ -155,10 +157,16 @@ class ConcurrencyLimit:
 
         A server so slow that requests time out is the longest queue of all: counting
         these keeps the client from holding ``max_concurrency`` requests (and their
-        retries) against it. They never set the floor nor end a probe.
+        retries) against it. They never set the floor nor end (or start) a probe: a
+        server that stopped answering would never let one end.
+
+        Each counts as ``TIMEOUT_WEIGHT`` floors at most: a round that mostly times out
+        still reads as a queue, but one stray timeout of 10 s among answers of 50 ms
+        must not drag the round's mean past the tolerance and halve the limit.
         """
-        if self._adaptive and self._probe_since is None and now < self._next_probe:
-            self._count(waited, in_flight, wanted_more=False)
+        if self._adaptive and self._probe_since is None and self._floor < math.inf:
+            rtt = min(waited, TIMEOUT_WEIGHT * self._floor)
+            self._count(rtt, in_flight, wanted_more=False)
             self._set_value()
 
     def rate_limited(self, now: float, paused_until: float) -> None:

@@ -353,7 +353,8 @@ class Sender:
         response_headers = response.headers
         body = response.body
 
-        self._budget.read(response_headers, loop.time(), time.time(), self.in_flight)
+        if self._budget.remaining is not None or "x-ratelimit-remaining" in response_headers:
+            self._budget.read(response_headers, loop.time(), time.time(), self.in_flight)
         if 200 <= status < 300:
             now = time.perf_counter()
             wanted_more = bool(self._acc.ready or self._owned)

@@ -23,6 +23,7 @@ from openpanel_async._limit import (
     QUEUE_LOW,
     RTT_TOLERANCE,
     START,
+    TIMEOUT_WEIGHT,
     ConcurrencyLimit,
 )
 from openpanel_async.testing import LocalOpenPanel, Reply
@@ -235,11 +236,15 @@ def test_timeouts_count_as_long_round_trips_but_never_as_the_floor() -> None:
     limit = ConcurrencyLimit(256)
     feed = Feed(limit)
     feed.past_probe(0.010)
+    # The server stops answering, long after the probe window (with the default 10 s
+    # request timeout, every timeout comes that late): still counted.
+    later = feed.now + 2 * FLOOR_WINDOW
     for i in range(START):
-        limit.timed_out(0.300, START, now=feed.now + 0.3 + i * 0.001)
-    # 64 waited 30x the floor: cut by half (the target, 2 + 8, is lower).
+        limit.timed_out(10.0, START, now=later + i * 0.001)
+    # 64 waited (counted as TIMEOUT_WEIGHT floors each): cut by half.
     assert limit.value == START // 2
     assert limit.floor == 0.010
+    assert not limit.probing  # timeouts never start a probe either
     # During a probe they are ignored: only answers end it.
     limit._next_probe = 0.0
     feed.answers(1, 0.010)
@@ -248,6 +253,17 @@ def test_timeouts_count_as_long_round_trips_but_never_as_the_floor() -> None:
         limit.timed_out(0.300, 4, now=feed.now)
     assert limit.probing
     assert limit.value == PROBE_LIMIT
+
+
+def test_one_stray_timeout_among_answers_cuts_nothing() -> None:
+    limit = ConcurrencyLimit(256)
+    feed = Feed(limit)
+    feed.past_probe(0.050)
+    feed.answers(START - 1, 0.050, wanted=False)
+    limit.timed_out(10.0, START, now=feed.now)
+    assert limit.value == START
+    assert limit.floor == 0.050
+    assert TIMEOUT_WEIGHT > RTT_TOLERANCE  # a round of timeouts alone still reads as a queue
 
 
 def test_a_429_burst_halves_once_and_answers_grow_it_back() -> None:
@@ -379,10 +395,10 @@ async def test_an_event_right_after_a_probe_starts_is_sent_at_once() -> None:
 
 async def test_requests_that_time_out_lower_the_limit() -> None:
     # 100 ms round trips: the limit grows (to 64, unless this loop is slow); then the
-    # server stops answering for a while and a round of requests times out (0.3 s, 3x the
+    # server stops answering for a while and a round of requests times out (0.5 s, 5x the
     # floor): the limit is cut instead of holding them all, and their retries, against it.
     async with LocalOpenPanel(response_delay=0.1) as server:
-        op = _client(server.url, max_concurrency=64, request_timeout=0.3)
+        op = _client(server.url, max_concurrency=64, request_timeout=0.5)
         async with op:
             for n in range(400):
                 assert op.track("before", {"n": n})
