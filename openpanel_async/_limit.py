@@ -9,9 +9,9 @@ application's other tasks feel). Two signals therefore lower the limit:
 
 - **Queueing** (delay-based, in the manner of TCP Vegas). The floor, the median round trip
   of a few requests sent with almost nothing else in flight, is what a request costs with
-  no queue. With ``n`` requests in flight taking
-  ``rtt`` each, about ``n * floor / rtt`` are being served and the rest wait. A round is
-  one limit's worth of answers (about one round trip). After each round:
+  no queue. With ``n`` requests in flight taking ``rtt`` each, about ``n * floor / rtt``
+  are being served and the rest wait. A round is one limit's worth of answers (about one
+  round trip). After each round:
 
   - when round trips exceed ``RTT_TOLERANCE`` times the floor and more than
     ``QUEUE_HIGH`` requests wait, the limit is cut to what would leave ``QUEUE_HIGH``
