@@ -277,13 +277,6 @@ class Sender:
             self._break(exc)
         finally:
             self._workers.discard(task)
-            # Left over a lowered limit: never leave events waiting with room to send them.
-            if (
-                not self._stopping
-                and (self._owned or self._acc.ready)
-                and len(self._workers) < self._limit.value
-            ):
-                self.notify()
 
     async def _wait_for_work(self) -> bool:
         """Sleep until woken (True) or idle for too long (False: the worker should exit)."""
