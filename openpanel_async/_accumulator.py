@@ -49,9 +49,17 @@ class Item(msgspec.Struct, gc=False):
     settled: bool = False
 
 
+# send() calls waiting for room are woken once this share of the queue is free again, not
+# at every settled event: a producer pushing as fast as it can then fills a stretch of slots
+# per wake-up instead of sleeping and waking once per event (a suspension, a future and a
+# task step each time).
+ROOM_WAKE_SHARE = 16
+
+
 class Accumulator:
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
+        self._room_low_water = max_size - max(1, max_size // ROOM_WAKE_SHARE)
         self.ready: deque[Item] = deque()
         self.accepted = 0
         self.delivered = 0
@@ -145,7 +153,9 @@ class Accumulator:
         item.settled = True
         epoch = item.epoch
         epoch_done = False
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not "with": once per event, see put()
+        try:
             if delivered:
                 self.delivered += 1
             else:
@@ -162,13 +172,12 @@ class Accumulator:
                 else:
                     del self._outstanding[epoch]
                     epoch_done = True
+        finally:
+            lock.release()
         if epoch_done and self._flush_waiters:
             self._wake_flushers()
-        while self._room_waiters:
-            waiter = self._room_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                break
+        if self._room_waiters and self._pending <= self._room_low_water:
+            self.wake_all_room_waiters()  # in the order they came; those too late wait again
 
     def flush_waiter(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
         """A future that completes once every event accepted so far has settled."""
@@ -198,10 +207,16 @@ class Accumulator:
         self._flush_waiters = keep
 
     def room_waiter(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-        """A future woken when an event settles, i.e. when room may have appeared."""
+        """A future woken when a stretch of the queue is free again (or intake stops)."""
         future: asyncio.Future[None] = loop.create_future()
         self._room_waiters.append(future)
         return future
+
+    def forget_room_waiter(self, waiter: asyncio.Future[None]) -> None:
+        try:
+            self._room_waiters.remove(waiter)
+        except ValueError:
+            pass  # already woken (the wake-up lost the race with a timeout)
 
     def wake_all_room_waiters(self) -> None:
         while self._room_waiters:

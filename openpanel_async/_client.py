@@ -487,7 +487,9 @@ class OpenPanel:
             self._acc.count_drop(DROP_CLOSED)
             raise ClientClosedError("the client is closed")
         self._start_on_running_loop()
-        await self._put_when_room(item, timeout)
+        # Room now (the usual case): queue without making the waiting coroutine at all.
+        if not self._acc.put(item, count_drop=False):
+            await self._put_when_room(item, timeout)
 
     def _put_at_once(self, item: Item) -> bool:
         """delivery="thread": queue ``item`` from the calling thread if there is room now.
@@ -518,9 +520,16 @@ class OpenPanel:
                 async with asyncio.timeout_at(deadline):
                     await waiter
             except TimeoutError:
+                # Waiters are woken only once a stretch of the queue is free: a slot or
+                # two that came free since still count as room within the timeout.
+                if acc.put(item, count_drop=False):
+                    return
                 raise SendTimeoutError(
                     f"no room in the queue (max_queue_size={acc.max_size}) within {timeout:g}s"
                 ) from None
+            finally:
+                if waiter.cancelled():  # timed out or cancelled: not left behind in the queue
+                    acc.forget_room_waiter(waiter)
 
     def _prepare(self, event: Event, client_ip: str | None, user_agent: str | None) -> Item | None:
         """send()/send_nowait(): a ready-made event gets what the event methods add."""

@@ -121,7 +121,11 @@ class Sender:
         self._last_drop_report = -_DROP_REPORT_INTERVAL
         self._close_task: asyncio.Task[None] | None = None
 
-        accumulator.notify = self.notify
+        # Bound once: the hot path compares and calls these, and each ``self.method``
+        # would make a new bound-method object.
+        self._notify_callback = self.notify
+        self._kick_callback = self._kick
+        accumulator.notify = self._notify_callback
         accumulator.notify_wanted = True
         if accumulator.ready:
             self.notify()
@@ -147,7 +151,7 @@ class Sender:
         if self._retry_timer is not None:
             self._retry_timer.cancel()
             self._retry_timer = None
-        if self._acc.notify == self.notify:
+        if self._acc.notify is self._notify_callback:
             self._acc.notify_wanted = False
             self._acc.notify = None
         if self._on_orphaned is not None:
@@ -174,28 +178,28 @@ class Sender:
         scheduled the accumulator stops calling this at all, so the hot path pays for
         ``call_soon`` once per burst rather than once per event. (When every worker is
         busy the kick finds nothing to do; it still runs, once, so that the flag clears.)
+        This runs on the first track() after each loop turn, with the CPU caches cold from
+        the loop's work, so it touches as little as it can: bound methods made once, and a
+        closed loop noticed by call_soon's own error rather than asked about first.
         """
-        if self._kick_scheduled or self._acc.notify != self.notify:
+        if self._kick_scheduled or self._acc.notify is not self._notify_callback:
             return  # a kick is on its way; or we were replaced, and the flag is not ours
-        if threading.get_ident() == self._thread_id:
-            if self._loop.is_closed():
-                return  # the event stays queued; the next loop to use the client sends it
-            self._kick_scheduled = True
-            self._acc.notify_wanted = False
-            self._loop.call_soon(self._kick)
-        else:
-            self._kick_scheduled = True
-            self._acc.notify_wanted = False
-            try:
-                self._loop.call_soon_threadsafe(self._kick)
-            except RuntimeError:
-                # The loop is closed: the event stays queued and counted as pending.
-                self._kick_scheduled = False
-                self._acc.notify_wanted = True
+        self._kick_scheduled = True
+        self._acc.notify_wanted = False
+        try:
+            if threading.get_ident() == self._thread_id:
+                self._loop.call_soon(self._kick_callback)
+            else:
+                self._loop.call_soon_threadsafe(self._kick_callback)
+        except RuntimeError:
+            # The loop is closed: the event stays queued and counted as pending, and the
+            # next loop to use the client sends it.
+            self._kick_scheduled = False
+            self._acc.notify_wanted = True
 
     def _kick(self) -> None:
         self._kick_scheduled = False
-        if self._acc.notify == self.notify:
+        if self._acc.notify is self._notify_callback:
             self._acc.notify_wanted = True
         if self._stopping:
             return
@@ -251,8 +255,9 @@ class Sender:
                 if pause > 0:
                     await asyncio.sleep(pause)
                     continue
-                if self._budget.remaining is not None:
-                    wait, whole_client = self._budget.wait(now, self.in_flight)
+                budget = self._budget
+                if budget.remaining is not None:
+                    wait, whole_client = budget.wait(now, self.in_flight)
                     if wait > 0:
                         if whole_client:
                             self._pause(wait)
@@ -264,7 +269,8 @@ class Sender:
                     if await self._wait_for_work():
                         continue
                     return
-                self._budget.spend()
+                if budget.remaining is not None:
+                    budget.spend()
                 self._current[task] = item
                 await self._attempt(item)
                 # Not in a finally: after a cancellation close() needs to find the item.

@@ -23,6 +23,7 @@ from openpanel_async import (
     SendTimeoutError,
     Track,
 )
+from openpanel_async._accumulator import Accumulator, Item
 from openpanel_async._events import UNSET, encode_event
 from openpanel_async.testing import LocalOpenPanel, Reply
 
@@ -523,6 +524,57 @@ async def test_send_times_out_and_fails_when_closed(server: LocalOpenPanel) -> N
     assert stats.accepted == 1
     assert stats.failed == 1
     assert_accounted(stats, closed=True)
+
+
+def test_room_waiters_are_woken_once_a_stretch_of_the_queue_is_free() -> None:
+    """One wake-up per 1/16 of the queue, not per settled event; all waiters at once."""
+    acc = Accumulator(32)  # woken at 30 pending: 2 free slots
+    items = [Item(b"{}", "track", None, None, None) for _ in range(32)]
+    assert all(acc.put(item) for item in items)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        first, second = acc.room_waiter(loop), acc.room_waiter(loop)
+        acc.settle(items[0], True)
+        assert not first.done()  # one free slot: not yet
+        acc.settle(items[1], True)
+        assert first.done()
+        assert second.done()
+        late = acc.room_waiter(loop)
+        late.cancel()
+        acc.forget_room_waiter(late)
+        acc.forget_room_waiter(late)  # twice is harmless
+        assert not acc._room_waiters
+
+    asyncio.run(scenario())
+
+
+async def test_send_timeout_takes_a_slot_freed_below_the_wake_threshold(
+    server: LocalOpenPanel,
+) -> None:
+    # One of 32 requests is answered after 20 ms, the rest hang: one slot comes free, too
+    # few to wake the waiter, but it is room all the same once the timeout is reached.
+    server.script(Reply(delay=0.02), *[Reply(hang=True)] * 40)
+    op = make_client(
+        server,
+        max_queue_size=32,
+        max_concurrency=32,
+        adaptive_concurrency=False,
+        shutdown_timeout=0.1,
+    )
+    async with op:
+        for i in range(32):
+            await op.send(Track(name="fill", properties={"i": i}))
+        started = time.monotonic()
+        await op.send(Track(name="late"), timeout=0.15)
+        assert 0.14 <= time.monotonic() - started < 1.0
+        assert op.stats().accepted == 33
+        # Timed-out waits leave nothing behind, however many there are.
+        for _ in range(20):
+            with pytest.raises(SendTimeoutError):
+                await op.send(Track(name="refused"), timeout=0.001)
+        assert not op._acc._room_waiters
+    assert_accounted(op.stats(), closed=True)
 
 
 async def test_flush_with_nothing_pending_and_before_start(server: LocalOpenPanel) -> None:
