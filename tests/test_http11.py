@@ -22,12 +22,12 @@ from typing import Any
 import msgspec
 import pytest
 
-from openpanel_async._http11 import (
+from openpanel_async._http11 import Http11Transport
+from openpanel_async._http11_connection import (
+    Connection,
     ConnectionClosedError,
-    Http11Transport,
     HttpProtocolError,
     MalformedResponseError,
-    _Connection,
 )
 from openpanel_async._transport import MAX_RESPONSE_BYTES, Transport, TransportResponse
 from openpanel_async.testing import LocalOpenPanel, Reply
@@ -1051,7 +1051,7 @@ async def test_the_parser_at_every_split_point(name: str) -> None:
     splits = [[raw], [raw[i : i + 1] for i in range(len(raw))]]
     splits += [[raw[:i], raw[i:]] for i in range(1, len(raw))]
     for pieces in splits:
-        conn = _Connection(owner, loop, 15.0)
+        conn = Connection(owner, loop, 15.0)
         conn.connection_made(FakeTransport())
         waiter = conn.send(b"request")
         for piece in pieces:
