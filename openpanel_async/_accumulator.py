@@ -29,6 +29,10 @@ DROP_HOOK_ERROR = "before_send_error"
 QUIET_DROPS = frozenset({DROP_DISABLED, DROP_FILTERED})
 
 
+# The send() waiter list is compacted when it reaches this size (or twice the live waiters).
+_ROOM_COMPACT_MIN = 64
+
+
 class Item(msgspec.Struct, gc=False):
     """One accepted event on its way to the server.
 
@@ -49,17 +53,9 @@ class Item(msgspec.Struct, gc=False):
     settled: bool = False
 
 
-# send() calls waiting for room are woken once this share of the queue is free again, not
-# at every settled event: a producer pushing as fast as it can then fills a stretch of slots
-# per wake-up instead of sleeping and waking once per event (a suspension, a future and a
-# task step each time).
-ROOM_WAKE_SHARE = 16
-
-
 class Accumulator:
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
-        self._room_low_water = max_size - max(1, max_size // ROOM_WAKE_SHARE)
         self.ready: deque[Item] = deque()
         self.accepted = 0
         self.delivered = 0
@@ -86,6 +82,7 @@ class Accumulator:
         self._outstanding: dict[int, int] = {}
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._room_waiters: deque[asyncio.Future[None]] = deque()
+        self._room_compact_at = _ROOM_COMPACT_MIN
 
     # --- producers (any thread) ------------------------------------------------------
 
@@ -176,8 +173,13 @@ class Accumulator:
             lock.release()
         if epoch_done and self._flush_waiters:
             self._wake_flushers()
-        if self._room_waiters and self._pending <= self._room_low_water:
-            self.wake_all_room_waiters()  # in the order they came; those too late wait again
+        # One event settled, one slot free: wake one send() waiting for room (a producer
+        # woken fills every slot freed by the time it runs, so this batches by itself).
+        while self._room_waiters:
+            waiter = self._room_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
 
     def flush_waiter(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
         """A future that completes once every event accepted so far has settled."""
@@ -207,16 +209,19 @@ class Accumulator:
         self._flush_waiters = keep
 
     def room_waiter(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-        """A future woken when a stretch of the queue is free again (or intake stops)."""
+        """A future woken when an event settles, i.e. when room may have appeared."""
         future: asyncio.Future[None] = loop.create_future()
-        self._room_waiters.append(future)
+        waiters = self._room_waiters
+        waiters.append(future)
+        if len(waiters) >= self._room_compact_at:
+            # A wait that timed out or was cancelled leaves its future here until a wake-up
+            # reaches it; against a stalled server none may. Drop those now and then (the
+            # list stays within twice the live waiters, at O(1) amortised per wait).
+            live = [waiter for waiter in waiters if not waiter.done()]
+            waiters.clear()
+            waiters.extend(live)
+            self._room_compact_at = max(_ROOM_COMPACT_MIN, 2 * len(live))
         return future
-
-    def forget_room_waiter(self, waiter: asyncio.Future[None]) -> None:
-        try:
-            self._room_waiters.remove(waiter)
-        except ValueError:
-            pass  # already woken (the wake-up lost the race with a timeout)
 
     def wake_all_room_waiters(self) -> None:
         while self._room_waiters:

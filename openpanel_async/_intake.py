@@ -160,16 +160,13 @@ class EventIntake:
                 async with asyncio.timeout_at(deadline):
                     await waiter
             except TimeoutError:
-                # Waiters are woken only once a stretch of the queue is free: a slot or
-                # two that came free since still count as room within the timeout.
+                # A slot may have come free as the deadline passed (its wake-up may even
+                # have been this waiter's, lost to the timeout): it still counts.
                 if acc.put(item, count_drop=False):
                     return
                 raise SendTimeoutError(
                     f"no room in the queue (max_queue_size={acc.max_size}) within {timeout:g}s"
                 ) from None
-            finally:
-                if waiter.cancelled():  # timed out or cancelled: not left behind in the queue
-                    acc.forget_room_waiter(waiter)
 
     def _prepare(self, event: Event, client_ip: str | None, user_agent: str | None) -> Item | None:
         """send()/send_nowait(): a ready-made event gets what the event methods add."""

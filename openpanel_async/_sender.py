@@ -513,6 +513,7 @@ class Sender:
         # stop, and say so once.
         self.state = "unauthorized"
         self._acc.refuse(DROP_UNAUTHORIZED)
+        self._acc.wake_all_room_waiters()  # send() calls waiting for room fail now
         failed = self._fail_waiting(
             AuthenticationError,
             "unauthorized",
@@ -627,6 +628,7 @@ class Sender:
         self.state = "broken"
         self._stopping = True
         self._acc.refuse(DROP_BROKEN)
+        self._acc.wake_all_room_waiters()
         current = asyncio.current_task()
         for task in self._workers:
             if task is not current:

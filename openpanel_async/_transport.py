@@ -19,11 +19,12 @@ __all__ = ["AiohttpTransport", "Transport", "TransportResponse"]
 MAX_RESPONSE_BYTES = 64 * 1024
 
 
-class TransportResponse(msgspec.Struct, frozen=True, gc=False):
+class TransportResponse(msgspec.Struct, frozen=True):
     """An HTTP answer. ``headers`` must look names up without case (or use lower case).
 
-    A msgspec Struct rather than a frozen dataclass: one is made per request, and a frozen
-    dataclass's ``__init__`` (an ``object.__setattr__`` per field) costs several times more.
+    Immutable; built positionally or by keyword. A msgspec Struct rather than a frozen
+    dataclass: one is made per request, and a frozen dataclass's ``__init__`` (an
+    ``object.__setattr__`` per field) costs several times more.
     """
 
     status: int

@@ -526,34 +526,37 @@ async def test_send_times_out_and_fails_when_closed(server: LocalOpenPanel) -> N
     assert_accounted(stats, closed=True)
 
 
-def test_room_waiters_are_woken_once_a_stretch_of_the_queue_is_free() -> None:
-    """One wake-up per 1/16 of the queue, not per settled event; all waiters at once."""
-    acc = Accumulator(32)  # woken at 30 pending: 2 free slots
-    items = [Item(b"{}", "track", None, None, None) for _ in range(32)]
+def test_room_waiters_are_woken_one_per_settled_event_and_stay_bounded() -> None:
+    """One waiter per freed slot, oldest first; abandoned waits do not pile up."""
+    acc = Accumulator(4)
+    items = [Item(b"{}", "track", None, None, None) for _ in range(4)]
     assert all(acc.put(item) for item in items)
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        first, second = acc.room_waiter(loop), acc.room_waiter(loop)
+        first, second, third = (acc.room_waiter(loop) for _ in range(3))
+        second.cancel()  # a send() that timed out: skipped, not woken
         acc.settle(items[0], True)
-        assert not first.done()  # one free slot: not yet
-        acc.settle(items[1], True)
         assert first.done()
-        assert second.done()
-        late = acc.room_waiter(loop)
-        late.cancel()
-        acc.forget_room_waiter(late)
-        acc.forget_room_waiter(late)  # twice is harmless
-        assert not acc._room_waiters
+        assert not third.done()
+        acc.settle(items[1], True)
+        assert third.done()
+        # Waits that timed out against a stalled queue: the list keeps within twice the
+        # live waiters (or 64), however many there were.
+        live = acc.room_waiter(loop)
+        for _ in range(1000):
+            acc.room_waiter(loop).cancel()
+        assert len(acc._room_waiters) <= 64
+        assert live in acc._room_waiters
+        acc.settle(items[2], True)
+        assert live.done()
 
     asyncio.run(scenario())
 
 
-async def test_send_timeout_takes_a_slot_freed_below_the_wake_threshold(
-    server: LocalOpenPanel,
-) -> None:
-    # One of 32 requests is answered after 20 ms, the rest hang: one slot comes free, too
-    # few to wake the waiter, but it is room all the same once the timeout is reached.
+async def test_send_waiting_for_room_gets_the_first_freed_slot(server: LocalOpenPanel) -> None:
+    # One of 32 requests is answered after 20 ms, the rest hang: the one slot it frees goes
+    # to the waiting send() at once, not when the rest of the queue drains.
     server.script(Reply(delay=0.02), *[Reply(hang=True)] * 40)
     op = make_client(
         server,
@@ -566,15 +569,32 @@ async def test_send_timeout_takes_a_slot_freed_below_the_wake_threshold(
         for i in range(32):
             await op.send(Track(name="fill", properties={"i": i}))
         started = time.monotonic()
-        await op.send(Track(name="late"), timeout=0.15)
-        assert 0.14 <= time.monotonic() - started < 1.0
+        await op.send(Track(name="late"), timeout=5.0)
+        assert time.monotonic() - started < 1.0
         assert op.stats().accepted == 33
-        # Timed-out waits leave nothing behind, however many there are.
-        for _ in range(20):
+        # Timed-out waits leave (almost) nothing behind, however many there are.
+        for _ in range(200):
             with pytest.raises(SendTimeoutError):
-                await op.send(Track(name="refused"), timeout=0.001)
-        assert not op._acc._room_waiters
+                await op.send(Track(name="refused"), timeout=0.0001)
+        assert len(op._acc._room_waiters) <= 64
     assert_accounted(op.stats(), closed=True)
+
+
+async def test_refused_credentials_release_every_send_waiting_for_room(
+    server: LocalOpenPanel,
+) -> None:
+    # 8 requests in flight; the first is answered 401, the others only after 1.5 s. Both
+    # send() calls waiting for room fail at once, not when those answers come.
+    server.script(Reply(status=401, delay=0.02), *[Reply(delay=1.5)] * 7)
+    op = make_client(server, max_queue_size=8, max_concurrency=8, adaptive_concurrency=False)
+    async with op:
+        for i in range(8):
+            await op.send(Track(name="fill", properties={"i": i}))
+        started = time.monotonic()
+        waiting = [asyncio.ensure_future(op.send(Track(name="late"))) for _ in range(2)]
+        results = await asyncio.gather(*waiting, return_exceptions=True)
+        assert time.monotonic() - started < 1.0
+        assert [type(r) for r in results] == [ClientClosedError, ClientClosedError]
 
 
 async def test_flush_with_nothing_pending_and_before_start(server: LocalOpenPanel) -> None:

@@ -216,6 +216,23 @@ async def eventually(condition: Callable[[], bool], timeout: float = 2.0) -> Non
             await asyncio.sleep(0.002)
 
 
+def test_transport_response_is_an_immutable_value() -> None:
+    """What a user's own transport builds and returns: by position or keyword, frozen."""
+    by_position = TransportResponse(429, {"retry-after": "2"}, b"slow down")
+    by_keyword = TransportResponse(status=429, headers={"retry-after": "2"}, body=b"slow down")
+    assert by_position == by_keyword
+    assert (by_keyword.status, by_keyword.headers["retry-after"], by_keyword.body) == (
+        429,
+        "2",
+        b"slow down",
+    )
+    assert repr(by_keyword) == (
+        "TransportResponse(status=429, headers={'retry-after': '2'}, body=b'slow down')"
+    )
+    with pytest.raises(AttributeError):
+        by_keyword.status = 200  # type: ignore[misc]
+
+
 # --- against LocalOpenPanel -----------------------------------------------------------------
 
 
