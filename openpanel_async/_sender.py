@@ -18,6 +18,7 @@ until it settles, so they reach the server in call order.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import itertools
 import threading
@@ -125,6 +126,9 @@ class Sender:
         # would make a new bound-method object.
         self._notify_callback = self.notify
         self._kick_callback = self._kick
+        # The kick runs in an empty context of its own, not in a copy of the context of the
+        # track() call that scheduled it: cheaper on the hot path, and see _start_worker.
+        self._kick_context = contextvars.Context()
         accumulator.notify = self._notify_callback
         accumulator.notify_wanted = True
         if accumulator.ready:
@@ -188,9 +192,9 @@ class Sender:
         self._acc.notify_wanted = False
         try:
             if threading.get_ident() == self._thread_id:
-                self._loop.call_soon(self._kick_callback)
+                self._loop.call_soon(self._kick_callback, context=self._kick_context)
             else:
-                self._loop.call_soon_threadsafe(self._kick_callback)
+                self._loop.call_soon_threadsafe(self._kick_callback, context=self._kick_context)
         except RuntimeError:
             # The loop is closed: the event stays queued and counted as pending, and the
             # next loop to use the client sends it.
@@ -222,7 +226,11 @@ class Sender:
                 waiter.set_result(None)
                 backlog -= 1
         for _ in range(min(backlog, self._limit.value - len(self._workers))):
-            task = self._loop.create_task(self._worker())
+            # Each worker in a fresh, empty context: a task otherwise inherits the context
+            # of whatever code started it, e.g. the request whose track() woke the sender,
+            # and its context variables (tracing spans, request ids) would then follow
+            # every request this long-lived worker sends for other requests.
+            task = self._loop.create_task(self._worker(), context=contextvars.Context())
             self._workers.add(task)
 
     def _promote_due_retries(self, now: float) -> None:

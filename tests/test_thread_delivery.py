@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import os
 import threading
@@ -559,3 +560,46 @@ async def test_delivery_thread_runs_either_event_loop(
     assert loop_class.startswith(loop_kind)
     assert [r.status for r in server.requests] == [503, 503, 429, 200]
     assert (stats.delivered, stats.retries, stats.rate_limited) == (1, 3, 1)
+
+
+_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
+
+
+class ContextNotingTransport:
+    """Answers 200, noting the request id visible to each request (None: none)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str | None] = []
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> TransportResponse:
+        self.seen.append(_REQUEST_ID.get(None))
+        return TransportResponse(200, {}, b"{}")
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("delivery", ["loop", "thread"])
+async def test_delivery_never_runs_in_the_context_of_a_caller(delivery: str) -> None:
+    """Context variables of the code that tracks (a request id, a tracing span) must not
+    follow the long-lived workers into requests sent for other callers."""
+    transport = ContextNotingTransport()
+    op = OpenPanel(
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        transport=transport,
+        delivery=delivery,
+    )
+
+    async def handler(request_id: str) -> None:
+        _REQUEST_ID.set(request_id)
+        for i in range(5):
+            assert op.track("handled", {"i": i})
+        await asyncio.sleep(0.01)
+
+    async with op:
+        await asyncio.gather(*(asyncio.create_task(handler(f"r{n}")) for n in range(4)))
+        assert await op.flush(timeout=5)
+        with pytest.raises(LookupError):
+            _REQUEST_ID.get()  # the test's own context never had one
+    assert transport.seen == [None] * 20
