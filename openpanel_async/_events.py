@@ -265,40 +265,46 @@ def decode_event(body: bytes | str) -> Event:
 
 # The last formatted millisecond: (start, end) of it in time.time_ns(), and its text. One
 # tuple, read once and replaced whole, so a reader on another thread never mixes the
-# bounds of one millisecond with the text of another.
+# bounds of one millisecond with the text of another. The same for the current second and
+# its "2026-11-26T08:00:00" prefix.
 _stamp_cache: tuple[int, int, str] = (0, 0, "")
-_second_prefix: tuple[int, str] = (-1, "")
+_second_cache: tuple[int, int, str] = (0, 0, "")
+# ".000Z" to ".999Z": a new millisecond in a known second costs one concatenation.
+_MILLIS_SUFFIX = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 def now_timestamp() -> str:
     """The current UTC time as the server wants it: ``2026-11-26T08:00:00.000Z``.
 
     Formatting costs more than the rest of track(); at high rates many events share a
-    millisecond, so the hot path is one clock read and one range check.
+    millisecond, so the hot path is one clock read and one range check. A new millisecond
+    (always the case on the first track() after the loop ran, with cold CPU caches) is
+    formatted here rather than in a further call, with integer steps only.
     """
+    global _stamp_cache
     now = time.time_ns()
     start, end, stamp = _stamp_cache
     if start <= now < end:
         return stamp
-    return _format_now(now)
+    second_start, second_end, prefix = _second_cache
+    if not second_start <= now < second_end:
+        return _format_new_second(now)
+    offset = (now - second_start) // 1_000_000
+    stamp = prefix + _MILLIS_SUFFIX[offset]
+    start = second_start + offset * 1_000_000
+    _stamp_cache = (start, start + 1_000_000, stamp)
+    return stamp
 
 
-# ".000Z" to ".999Z": with the second's text cached too, a new millisecond costs one
-# concatenation instead of a format call, which matters on the first track() after the
-# loop ran (a new millisecond, cold caches) more than anywhere.
-_MILLIS_SUFFIX = tuple(f".{ms:03d}Z" for ms in range(1000))
-
-
-def _format_now(now: int) -> str:
-    global _stamp_cache, _second_prefix
-    millis = now // 1_000_000
-    second, ms = divmod(millis, 1000)
-    cached_second, prefix = _second_prefix
-    if second != cached_second:
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _second_prefix = (second, prefix)
-    stamp = prefix + _MILLIS_SUFFIX[ms]
-    _stamp_cache = (millis * 1_000_000, (millis + 1) * 1_000_000, stamp)
+def _format_new_second(now: int) -> str:
+    global _stamp_cache, _second_cache
+    second_start = now - now % 1_000_000_000
+    prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second_start // 1_000_000_000))
+    _second_cache = (second_start, second_start + 1_000_000_000, prefix)
+    offset = (now - second_start) // 1_000_000
+    stamp = prefix + _MILLIS_SUFFIX[offset]
+    start = second_start + offset * 1_000_000
+    _stamp_cache = (start, start + 1_000_000, stamp)
     return stamp
 
 

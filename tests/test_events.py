@@ -685,12 +685,29 @@ def test_now_timestamp_format_and_clock() -> None:
         datetime(2026, 12, 31, 23, 59, 59, 999_000, tzinfo=UTC),
     ],
 )
-def test_now_timestamp_formatting_of_a_given_instant(moment: datetime) -> None:
-    now_ns = int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
-    expected = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-    assert _events._format_now(now_ns) == expected
+def test_now_timestamp_formatting_of_a_given_instant(
+    moment: datetime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def expected(at: datetime) -> str:
+        return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+
+    clock = [int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000]
+    monkeypatch.setattr(time, "time_ns", lambda: clock[0])
+    monkeypatch.setattr(_events, "_stamp_cache", (0, 0, ""))
+    monkeypatch.setattr(_events, "_second_cache", (0, 0, ""))
+    assert now_timestamp() == expected(moment)  # a new second
     # Every instant of that millisecond has the same text (truncated, not rounded).
-    assert _events._format_now(now_ns + 999_999 - now_ns % 1_000_000) == expected
+    clock[0] += 999_999 - clock[0] % 1_000_000
+    assert now_timestamp() == expected(moment)
+    # The next millisecond: in the same second, or the first of the next one.
+    clock[0] += 1
+    later = moment.replace(microsecond=moment.microsecond // 1000 * 1000) + timedelta(
+        milliseconds=1
+    )
+    assert now_timestamp() == expected(later)
+    # 250 ms on (a known second, unless that crosses into the next).
+    clock[0] += 250_000_000
+    assert now_timestamp() == expected(later + timedelta(milliseconds=250))
 
 
 def test_now_timestamp_moves_with_the_clock() -> None:
