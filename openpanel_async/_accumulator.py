@@ -175,11 +175,8 @@ class Accumulator:
             self._wake_flushers()
         # One event settled, one slot free: wake one send() waiting for room (a producer
         # woken fills every slot freed by the time it runs, so this batches by itself).
-        while self._room_waiters:
-            waiter = self._room_waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                break
+        if self._room_waiters:
+            self.wake_one_room_waiter()
 
     def flush_waiter(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
         """A future that completes once every event accepted so far has settled."""
@@ -222,6 +219,15 @@ class Accumulator:
             waiters.extend(live)
             self._room_compact_at = max(_ROOM_COMPACT_MIN, 2 * len(live))
         return future
+
+    def wake_one_room_waiter(self) -> None:
+        """Wake the longest-waiting send() still waiting (those timed out are skipped)."""
+        waiters = self._room_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def wake_all_room_waiters(self) -> None:
         while self._room_waiters:

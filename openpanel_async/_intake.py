@@ -167,6 +167,12 @@ class EventIntake:
                 raise SendTimeoutError(
                     f"no room in the queue (max_queue_size={acc.max_size}) within {timeout:g}s"
                 ) from None
+            except BaseException:
+                # Cancelled after a settled event woke this waiter, before it could run:
+                # that wake-up stands for a free slot and must go to the next waiter.
+                if waiter.done() and not waiter.cancelled():
+                    acc.wake_one_room_waiter()
+                raise
 
     def _prepare(self, event: Event, client_ip: str | None, user_agent: str | None) -> Item | None:
         """send()/send_nowait(): a ready-made event gets what the event methods add."""

@@ -135,7 +135,9 @@ class Sender:
             self.notify()
         # Closes the session if the loop shuts down under us (asyncio.run() ending without
         # aclose()): asyncio cancels every task then, this one included.
-        self._guardian = self._loop.create_task(self._guard())
+        # In an empty context, like the workers: it lives as long as the sender, and would
+        # otherwise keep the context of whoever started it (a request's) alive as long.
+        self._guardian = self._loop.create_task(self._guard(), context=contextvars.Context())
 
     async def _guard(self) -> None:
         try:

@@ -6,7 +6,7 @@ import asyncio
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -22,6 +22,7 @@ from openpanel_async import (
     OpenPanel,
     SendTimeoutError,
     Track,
+    TransportResponse,
 )
 from openpanel_async._accumulator import Accumulator, Item
 from openpanel_async._events import UNSET, encode_event
@@ -578,6 +579,52 @@ async def test_send_waiting_for_room_gets_the_first_freed_slot(server: LocalOpen
                 await op.send(Track(name="refused"), timeout=0.0001)
         assert len(op._acc._room_waiters) <= 64
     assert_accounted(op.stats(), closed=True)
+
+
+class GatedTransport:
+    """Holds every request until ``open()``; then answers 200, running ``on_answer`` first."""
+
+    def __init__(self) -> None:
+        self.gate: asyncio.Future[None] | None = None
+        self.on_answer: Callable[[], None] | None = None
+
+    def open(self) -> None:
+        assert self.gate is not None
+        self.gate.set_result(None)
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> TransportResponse:
+        if self.gate is None:
+            self.gate = asyncio.get_running_loop().create_future()
+        await self.gate
+        if self.on_answer is not None:
+            self.on_answer()
+            self.on_answer = None
+        return TransportResponse(200, {}, b"{}")
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_woken_send_cancelled_before_it_runs_passes_its_slot_on() -> None:
+    transport = GatedTransport()
+    op = OpenPanel(
+        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, transport=transport, max_queue_size=1
+    )
+    async with op:
+        await op.send(Track(name="in flight"))
+        while transport.gate is None:
+            await asyncio.sleep(0.001)
+        first = asyncio.ensure_future(op.send(Track(name="first")))
+        second = asyncio.ensure_future(op.send(Track(name="second")))
+        await asyncio.sleep(0.01)
+        # The answer frees the one slot and wakes `first`, which is cancelled (its request
+        # handler went away, say) before it runs: `second` must get the slot.
+        transport.on_answer = lambda: asyncio.get_running_loop().call_soon(first.cancel)
+        transport.open()
+        await asyncio.wait_for(second, timeout=2.0)
+        assert first.cancelled()
+        assert await op.flush(timeout=2.0)
+        assert (op.stats().accepted, op.stats().delivered) == (2, 2)
 
 
 async def test_refused_credentials_release_every_send_waiting_for_room(

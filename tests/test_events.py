@@ -708,6 +708,9 @@ def test_now_timestamp_formatting_of_a_given_instant(
     # 250 ms on (a known second, unless that crosses into the next).
     clock[0] += 250_000_000
     assert now_timestamp() == expected(later + timedelta(milliseconds=250))
+    # The wall clock stepped back 2 s (an NTP correction): the stamp follows it.
+    clock[0] -= 2_000_000_000
+    assert now_timestamp() == expected(later + timedelta(milliseconds=250) - timedelta(seconds=2))
 
 
 def test_now_timestamp_moves_with_the_clock() -> None:

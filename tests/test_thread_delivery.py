@@ -8,6 +8,7 @@ import gc
 import os
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
@@ -603,3 +604,30 @@ async def test_delivery_never_runs_in_the_context_of_a_caller(delivery: str) -> 
         with pytest.raises(LookupError):
             _REQUEST_ID.get()  # the test's own context never had one
     assert transport.seen == [None] * 20
+
+
+class _RequestState:
+    """Something a request keeps in a context variable (a span, a session, a big object)."""
+
+
+_REQUEST_STATE: contextvars.ContextVar[_RequestState] = contextvars.ContextVar("request_state")
+
+
+async def test_the_sender_keeps_no_callers_context_alive() -> None:
+    transport = ContextNotingTransport()
+    op = OpenPanel(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, transport=transport)
+    alive: list[weakref.ref[_RequestState]] = []
+
+    async def first_request() -> None:
+        state = _RequestState()
+        alive.append(weakref.ref(state))
+        _REQUEST_STATE.set(state)
+        assert op.track("starts the sender")  # lazily, in this request's context
+
+    await asyncio.create_task(first_request())
+    async with op:
+        assert await op.flush(timeout=5)
+        gc.collect()
+        # The sender's long-lived tasks (its guardian, its workers) hold no copy of it.
+        assert alive[0]() is None
+    assert transport.seen == [None]
