@@ -10,7 +10,8 @@ Where an event can come from, in the order workers take them:
 1. ``_owned``: events that may go now and already hold their profile's ordering slot (due
    retries, and the next event of a profile whose previous one just settled);
 2. the accumulator's ``ready`` deque (new events);
-3. the retry heap, once an event's backoff is over (moved to ``_owned`` by ``_kick``).
+3. the retry queue (``_retry_queue``), once an event's backoff is over (moved to ``_owned``
+   by ``_kick``, which its timer calls).
 Profile operations whose profile already has one event in progress are parked in ``_busy``
 until it settles, so they reach the server in call order.
 """
@@ -19,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import heapq
-import itertools
 import threading
 import time
 from collections import deque
@@ -42,6 +41,7 @@ from ._log import Throttle, logger
 from ._outcome import Verdict, classify, server_message
 from ._pacing import WindowBudget
 from ._retry import RetryPolicy
+from ._retry_queue import RetryQueue
 from ._transport import AiohttpTransport, Transport
 from .errors import (
     AuthenticationError,
@@ -110,11 +110,7 @@ class Sender:
         self._idle: list[asyncio.Future[None]] = []
         self._owned: deque[Item] = deque()
         self._busy: dict[str, deque[Item]] = {}
-        self._retries: list[tuple[float, int, Item]] = []
-        self._retry_seq = itertools.count()
-        self._retry_timer: asyncio.Handle | None = None
-        # When it fires: kept here because uvloop's timer handles have no when().
-        self._retry_timer_at = 0.0
+        self._retries = RetryQueue(self._loop, self._kick)
         self._kick_scheduled = False
         self._stopping = False
         self._log_throttle = Throttle()
@@ -154,9 +150,7 @@ class Sender:
         self._stopping = True
         for task in self._workers:
             task.cancel()
-        if self._retry_timer is not None:
-            self._retry_timer.cancel()
-            self._retry_timer = None
+        self._retries.cancel_timer()
         if self._acc.notify is self._notify_callback:
             self._acc.notify_wanted = False
             self._acc.notify = None
@@ -210,7 +204,7 @@ class Sender:
         if self._stopping:
             return
         now = self._loop.time()
-        self._promote_due_retries(now)
+        self._retries.move_due(now, self._owned)
         backlog = len(self._owned) + len(self._acc.ready)
         idle = self._idle
         if backlog and idle:
@@ -234,24 +228,6 @@ class Sender:
             # every request this long-lived worker sends for other requests.
             task = self._loop.create_task(self._worker(), context=contextvars.Context())
             self._workers.add(task)
-
-    def _promote_due_retries(self, now: float) -> None:
-        heap = self._retries
-        while heap and heap[0][0] <= now:
-            self._owned.append(heapq.heappop(heap)[2])
-        timer, when = self._retry_timer, self._retry_timer_at
-        if timer is not None and (when <= now or not heap or when > heap[0][0]):
-            timer.cancel()
-            timer = self._retry_timer = None
-        if heap and timer is None:
-            self._retry_timer_at = heap[0][0]
-            self._retry_timer = self._loop.call_at(heap[0][0], self._retry_due)
-
-    def _retry_due(self) -> None:
-        # The timer has fired: forget it, so that _kick() sets a new one if the retry is
-        # not due yet after all (uvloop's millisecond timers may fire a little early).
-        self._retry_timer = None
-        self._kick()
 
     # --- workers ------------------------------------------------------------------------
 
@@ -311,8 +287,10 @@ class Sender:
     def _take(self) -> Item | None:
         if self._owned:
             return self._owned.popleft()
-        if self._retries and self._retries[0][0] <= self._loop.time():
-            return heapq.heappop(self._retries)[2]
+        if self._retries:
+            due = self._retries.pop_due(self._loop.time())
+            if due is not None:
+                return due
         ready = self._acc.ready
         while ready:
             item = ready.popleft()
@@ -429,8 +407,8 @@ class Sender:
 
     def _schedule_retry(self, item: Item, due: float) -> None:
         self.retries += 1
-        heapq.heappush(self._retries, (due, next(self._retry_seq), item))
-        self._promote_due_retries(self._loop.time())
+        self._retries.push(item, due)
+        self._retries.move_due(self._loop.time(), self._owned)
 
     def _refuse_retry(self, item: Item) -> bool:
         """After a 401 nothing is sent again: an event that needs a retry fails instead."""
@@ -603,14 +581,10 @@ class Sender:
         """Fail every event not yet on the wire (and, if asked, those on it); return the count."""
         items: list[Item] = list(self._owned)
         self._owned.clear()
-        items.extend(entry[2] for entry in self._retries)
-        self._retries.clear()
+        items.extend(self._retries.drain())
         for parked in self._busy.values():
             items.extend(parked)
         self._busy.clear()
-        if self._retry_timer is not None:
-            self._retry_timer.cancel()
-            self._retry_timer = None
         ready = self._acc.ready
         while ready:
             items.append(ready.popleft())
@@ -701,13 +675,12 @@ class Sender:
         """
         items = [item for item in self._current.values() if not item.settled]
         items.extend(self._owned)
-        items.extend(entry[2] for entry in sorted(self._retries))
+        items.extend(self._retries.drain())
         for parked in self._busy.values():
             items.extend(parked)
         items.sort(key=lambda item: item.epoch)
         self._current.clear()
         self._owned.clear()
-        self._retries.clear()
         self._busy.clear()
         self._stopping = True
         return items
