@@ -205,11 +205,20 @@ class Accumulator:
                 keep.append((target, future))
         self._flush_waiters = keep
 
-    def room_waiter(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-        """A future woken when an event settles, i.e. when room may have appeared."""
+    def room_waiter(
+        self, loop: asyncio.AbstractEventLoop, *, first: bool = False
+    ) -> asyncio.Future[None]:
+        """A future woken when an event settles, i.e. when room may have appeared.
+
+        ``first``: ahead of the others, for a waiter that was woken but found the slot
+        taken (by a track() call in between): it has waited longest.
+        """
         future: asyncio.Future[None] = loop.create_future()
         waiters = self._room_waiters
-        waiters.append(future)
+        if first:
+            waiters.appendleft(future)
+        else:
+            waiters.append(future)
         if len(waiters) >= self._room_compact_at:
             # A wait that timed out or was cancelled leaves its future here until a wake-up
             # reaches it; against a stalled server none may. Drop those now and then (the

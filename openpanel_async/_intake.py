@@ -151,14 +151,16 @@ class EventIntake:
         acc = self._acc
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        woken = False
         while not acc.put(item, count_drop=False):
             if acc.refusing is not None:
                 acc.count_drop(acc.refusing)
                 raise ClientClosedError(f"the client is not accepting events ({acc.refusing})")
-            waiter = acc.room_waiter(loop)
+            waiter = acc.room_waiter(loop, first=woken)
             try:
                 async with asyncio.timeout_at(deadline):
                     await waiter
+                woken = True
             except TimeoutError:
                 # A slot may have come free as the deadline passed (its wake-up may even
                 # have been this waiter's, lost to the timeout): it still counts.

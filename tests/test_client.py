@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import msgspec
 import pytest
 
 import openpanel_async
@@ -551,6 +552,13 @@ def test_room_waiters_are_woken_one_per_settled_event_and_stay_bounded() -> None
         assert live in acc._room_waiters
         acc.settle(items[2], True)
         assert live.done()
+        # A waiter woken for a slot that someone else took waits again at the front.
+        assert acc.put(Item(b"{}", "track", None, None, None))
+        later = acc.room_waiter(loop)
+        again = acc.room_waiter(loop, first=True)
+        acc.settle(items[3], True)
+        assert again.done()
+        assert not later.done()
 
     asyncio.run(scenario())
 
@@ -587,6 +595,7 @@ class GatedTransport:
     def __init__(self) -> None:
         self.gate: asyncio.Future[None] | None = None
         self.on_answer: Callable[[], None] | None = None
+        self.names: list[str] = []
 
     def open(self) -> None:
         assert self.gate is not None
@@ -596,6 +605,7 @@ class GatedTransport:
         if self.gate is None:
             self.gate = asyncio.get_running_loop().create_future()
         await self.gate
+        self.names.append(msgspec.json.decode(body)["payload"]["name"])
         if self.on_answer is not None:
             self.on_answer()
             self.on_answer = None
@@ -625,6 +635,27 @@ async def test_a_woken_send_cancelled_before_it_runs_passes_its_slot_on() -> Non
         assert first.cancelled()
         assert await op.flush(timeout=2.0)
         assert (op.stats().accepted, op.stats().delivered) == (2, 2)
+
+
+async def test_a_woken_send_that_finds_its_slot_taken_stays_first_in_line() -> None:
+    transport = GatedTransport()
+    op = OpenPanel(
+        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, transport=transport, max_queue_size=1
+    )
+    async with op:
+        await op.send(Track(name="in_flight"))
+        while transport.gate is None:
+            await asyncio.sleep(0.001)
+        older = asyncio.ensure_future(op.send(Track(name="older")))
+        await asyncio.sleep(0.01)
+        newer = asyncio.ensure_future(op.send(Track(name="newer")))
+        await asyncio.sleep(0.01)
+        # The answer frees the slot and wakes `older`, but a track() takes the slot first.
+        transport.on_answer = lambda: asyncio.get_running_loop().call_soon(op.track, "sneaked_in")
+        transport.open()
+        await asyncio.wait_for(asyncio.gather(older, newer), timeout=2.0)
+        assert await op.flush(timeout=2.0)
+    assert transport.names == ["in_flight", "sneaked_in", "older", "newer"]
 
 
 async def test_refused_credentials_release_every_send_waiting_for_room(
