@@ -615,15 +615,21 @@ class GatedTransport:
         pass
 
 
-async def test_a_woken_send_cancelled_before_it_runs_passes_its_slot_on() -> None:
-    transport = GatedTransport()
+async def one_slot_held(transport: GatedTransport) -> OpenPanel:
+    """A started client whose one queue slot is taken by a request held at the gate."""
     op = OpenPanel(
         client_id=CLIENT_ID, client_secret=CLIENT_SECRET, transport=transport, max_queue_size=1
     )
-    async with op:
-        await op.send(Track(name="in flight"))
-        while transport.gate is None:
-            await asyncio.sleep(0.001)
+    await op.start()
+    await op.send(Track(name="in_flight"))
+    while transport.gate is None:
+        await asyncio.sleep(0.001)
+    return op
+
+
+async def test_a_woken_send_cancelled_before_it_runs_passes_its_slot_on() -> None:
+    transport = GatedTransport()
+    async with await one_slot_held(transport) as op:
         first = asyncio.ensure_future(op.send(Track(name="first")))
         second = asyncio.ensure_future(op.send(Track(name="second")))
         await asyncio.sleep(0.01)
@@ -639,13 +645,7 @@ async def test_a_woken_send_cancelled_before_it_runs_passes_its_slot_on() -> Non
 
 async def test_a_woken_send_that_finds_its_slot_taken_stays_first_in_line() -> None:
     transport = GatedTransport()
-    op = OpenPanel(
-        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, transport=transport, max_queue_size=1
-    )
-    async with op:
-        await op.send(Track(name="in_flight"))
-        while transport.gate is None:
-            await asyncio.sleep(0.001)
+    async with await one_slot_held(transport) as op:
         older = asyncio.ensure_future(op.send(Track(name="older")))
         await asyncio.sleep(0.01)
         newer = asyncio.ensure_future(op.send(Track(name="newer")))
