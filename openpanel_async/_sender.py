@@ -123,7 +123,7 @@ class Sender:
         self._notify_callback = self.notify
         self._kick_callback = self._kick
         # The kick runs in an empty context of its own, not in a copy of the context of the
-        # track() call that scheduled it: cheaper on the hot path, and see _start_worker.
+        # track() call that scheduled it: cheaper on the hot path, and see _kick's workers.
         self._kick_context = contextvars.Context()
         accumulator.notify = self._notify_callback
         accumulator.notify_wanted = True
@@ -405,6 +405,12 @@ class Sender:
             return
         self._pause(self._retry.server_wait(requested))
 
+    def _stop_intake(self, reason: str) -> None:
+        """Refuse new events (counted as dropped for ``reason``) and release every send()
+        waiting for room: it finds intake stopped and fails at once."""
+        self._acc.refuse(reason)
+        self._acc.wake_all_room_waiters()
+
     def _schedule_retry(self, item: Item, due: float) -> None:
         self.retries += 1
         self._retries.push(item, due)
@@ -500,8 +506,7 @@ class Sender:
         # Every further request would be refused too (also while draining at close):
         # stop, and say so once.
         self.state = "unauthorized"
-        self._acc.refuse(DROP_UNAUTHORIZED)
-        self._acc.wake_all_room_waiters()  # send() calls waiting for room fail now
+        self._stop_intake(DROP_UNAUTHORIZED)
         failed = self._fail_waiting(
             AuthenticationError,
             "unauthorized",
@@ -611,8 +616,7 @@ class Sender:
             return
         self.state = "broken"
         self._stopping = True
-        self._acc.refuse(DROP_BROKEN)
-        self._acc.wake_all_room_waiters()
+        self._stop_intake(DROP_BROKEN)
         current = asyncio.current_task()
         for task in self._workers:
             if task is not current:
@@ -703,8 +707,7 @@ class Sender:
     async def _close(self, timeout: float) -> None:
         if self.state == "running":
             self.state = "closing"
-        self._acc.refuse(DROP_CLOSED)
-        self._acc.wake_all_room_waiters()
+        self._stop_intake(DROP_CLOSED)
         try:
             if self._acc.pending and not self._stopping:
                 drained = self._acc.flush_waiter(self._loop)
