@@ -176,11 +176,12 @@ class Sender:
 
         Coalesces a burst of events into one wake-up per loop iteration: while a kick is
         scheduled the accumulator stops calling this at all, so the hot path pays for
-        ``call_soon`` once per burst rather than once per event. (When every worker is
-        busy the kick finds nothing to do; it still runs, once, so that the flag clears.)
-        This runs on the first track() after each loop turn, with the CPU caches cold from
-        the loop's work, so it touches as little as it can: bound methods made once, and a
-        closed loop noticed by call_soon's own error rather than asked about first.
+        ``call_soon`` once per burst rather than once per event. Nor does it call while
+        every worker is busy and no more may start (see ``_arm_notify``): a busy worker
+        takes the next event by itself. This runs on the first track() after a loop turn,
+        with the CPU caches cold from the loop's work, so it touches as little as it can:
+        bound methods made once, and a closed loop noticed by call_soon's own error rather
+        than asked about first.
         """
         if self._kick_scheduled or self._acc.notify is not self._notify_callback:
             return  # a kick is on its way; or we were replaced, and the flag is not ours
@@ -197,11 +198,24 @@ class Sender:
             self._kick_scheduled = False
             self._acc.notify_wanted = True
 
+    def _arm_notify(self) -> None:
+        """Have accepted events call ``notify`` only when a kick would find work to give.
+
+        That is when a worker is idle, or another may start under the limit. Otherwise
+        every worker is busy, and each takes the next event by itself when its request
+        ends, so under load the hot path schedules no kick at all. Whatever makes a kick
+        useful again re-arms it: a worker going idle (``_wait_for_work``) or exiting, and
+        a kick, which every rise of the limit schedules.
+        """
+        acc = self._acc
+        if acc.notify is self._notify_callback and not self._kick_scheduled:
+            acc.notify_wanted = bool(self._idle) or len(self._workers) < self._limit.value
+
     def _kick(self) -> None:
         self._kick_scheduled = False
-        if self._acc.notify is self._notify_callback:
-            self._acc.notify_wanted = True
         if self._stopping:
+            if self._acc.notify is self._notify_callback:
+                self._acc.notify_wanted = True
             return
         now = self._loop.time()
         self._retries.move_due(now, self._owned)
@@ -228,6 +242,7 @@ class Sender:
             # every request this long-lived worker sends for other requests.
             task = self._loop.create_task(self._worker(), context=contextvars.Context())
             self._workers.add(task)
+        self._arm_notify()
 
     # --- workers ------------------------------------------------------------------------
 
@@ -269,11 +284,19 @@ class Sender:
             self._break(exc)
         finally:
             self._workers.discard(task)
+            self._arm_notify()  # there may be room for a new worker now
 
     async def _wait_for_work(self) -> bool:
         """Sleep until woken (True) or idle for too long (False: the worker should exit)."""
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._idle.append(waiter)
+        self._arm_notify()
+        if self._acc.ready:
+            # Put by another thread after _take() found nothing but before the line above
+            # armed notify, so that put did not call it (a put reads the flag after its
+            # append, so any later one does).
+            self._idle.remove(waiter)
+            return True
         try:
             async with asyncio.timeout(self._idle_timeout):
                 await waiter

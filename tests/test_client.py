@@ -698,3 +698,78 @@ async def test_stats_snapshot_is_frozen(server: LocalOpenPanel) -> None:
             stats.accepted = 5  # type: ignore[misc]
         with pytest.raises(TypeError):
             stats.dropped_by_reason["x"] = 1  # type: ignore[index]
+
+
+async def test_no_wake_up_is_scheduled_while_every_worker_is_busy() -> None:
+    # Under load the hot path schedules nothing: a busy worker takes the next event by
+    # itself. Once the backlog is gone and workers idle, events wake them again.
+    transport = GatedTransport()
+    async with OpenPanel(
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        transport=transport,
+        max_concurrency=2,
+        adaptive_concurrency=False,
+        idle_timeout=30.0,
+    ) as op:
+        await op.start()
+        op.track("busy_1")
+        op.track("busy_2")
+        sender = op._sender
+        assert sender is not None
+        while len(sender._current) < 2:
+            await asyncio.sleep(0.001)
+        assert op._acc.notify_wanted is False
+        for i in range(50):
+            op.track(f"queued_{i}")
+            assert op._acc.notify_wanted is False
+        transport.open()
+        assert await op.flush(timeout=2.0)
+        assert len(transport.names) == 52
+        # Both workers are idle now: the next event wakes one at once.
+        assert op._acc.notify_wanted is True
+        op.track("after")
+        deadline = time.monotonic() + 1.0  # not flush(): it would wake the sender itself
+        while len(transport.names) < 53 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert transport.names[-1] == "after"
+
+
+async def test_an_event_put_as_the_last_worker_goes_idle_is_not_stranded() -> None:
+    # Another thread's put can land after a worker found the queue empty but before it
+    # re-armed the wake-up, so that put schedules none: the worker must see the event
+    # before it sleeps (its idle timeout here is far beyond the flush deadline).
+    transport = GatedTransport()
+    async with OpenPanel(
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        transport=transport,
+        max_concurrency=1,
+        adaptive_concurrency=False,
+        idle_timeout=30.0,
+    ) as op:
+        await op.start()
+        op.track("first")
+        sender = op._sender
+        assert sender is not None
+        while not sender._current:
+            await asyncio.sleep(0.001)
+        take = sender._take
+        raced: list[bool] = []
+
+        def take_then_race() -> Item | None:
+            item = take()
+            if item is None and not raced:
+                # The worker is busy-at-the-limit no more, but has not said so yet.
+                assert op._acc.notify_wanted is False
+                raced.append(op.track("raced"))
+            return item
+
+        sender._take = take_then_race  # type: ignore[method-assign]
+        transport.open()
+        # Not flush(): it would wake the sender itself.
+        deadline = time.monotonic() + 1.0
+        while len(transport.names) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert raced == [True]
+        assert transport.names == ["first", "raced"]

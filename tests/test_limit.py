@@ -335,9 +335,12 @@ async def test_a_saturated_server_gets_few_requests_at_once(
             assert await op.flush(timeout=10)
         stats = op.stats()
         assert (stats.delivered, stats.failed) == (400, 0)
-        # About QUEUE_HIGH + 1 (the one the server serves); without adaptation, 64.
+        # About QUEUE_HIGH + 4 (what the probe's floor takes for served); without
+        # adaptation, 64. The sawtooth climbs QUEUE_LOW above that before each cut, and
+        # higher when the probe ran in a slow spell of the machine (25 seen once in a
+        # full run), so the bound leaves room: half of 64.
         assert stats.concurrency <= 3 * QUEUE_HIGH
-        assert server.peak_in_flight <= 3 * QUEUE_HIGH
+        assert server.peak_in_flight <= 4 * QUEUE_HIGH
 
 
 async def test_without_adaptation_a_saturated_server_gets_max_concurrency() -> None:
