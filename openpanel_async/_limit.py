@@ -152,7 +152,7 @@ class ConcurrencyLimit:
         self._set_value()
         return self.value > before
 
-    def timed_out(self, waited: float, in_flight: int, now: float) -> None:
+    def timed_out(self, waited: float, in_flight: int, now: float) -> bool:
         """A request got no answer within the request timeout: a round trip of ``waited``.
 
         A server so slow that requests time out is the longest queue of all: counting
@@ -163,11 +163,17 @@ class ConcurrencyLimit:
         Each counts as ``TIMEOUT_WEIGHT`` floors at most: a round that mostly times out
         still reads as a queue, but one stray timeout of 10 s among answers of 50 ms
         must not drag the round's mean past the tolerance and halve the limit.
+
+        Returns True when the limit grew: a timeout can end a round whose earlier answers
+        found events waiting, and the caller must then start sending more, as after
+        ``answered``.
         """
+        before = self.value
         if self._adaptive and self._probe_since is None and self._floor < math.inf:
             rtt = min(waited, TIMEOUT_WEIGHT * self._floor)
             self._count(rtt, in_flight, wanted_more=False)
             self._set_value()
+        return self.value > before
 
     def rate_limited(self, now: float, paused_until: float) -> None:
         """A 429: halve the limit, once for the whole burst answered before the pause ends."""

@@ -205,7 +205,8 @@ class Sender:
         every worker is busy, and each takes the next event by itself when its request
         ends, so under load the hot path schedules no kick at all. Whatever makes a kick
         useful again re-arms it: a worker going idle (``_wait_for_work``) or exiting, and
-        a kick, which every rise of the limit schedules.
+        a kick, which every rise of the limit schedules (``answered`` and ``timed_out``
+        say when the limit rose).
         """
         acc = self._acc
         if acc.notify is self._notify_callback and not self._kick_scheduled:
@@ -213,9 +214,12 @@ class Sender:
 
     def _kick(self) -> None:
         self._kick_scheduled = False
+        if self._acc.notify is self._notify_callback:
+            # Before the backlog is counted: a put from another thread after the count
+            # must schedule another kick (_arm_notify below may clear this again, but only
+            # when every worker is busy at the limit and will take that event itself).
+            self._acc.notify_wanted = True
         if self._stopping:
-            if self._acc.notify is self._notify_callback:
-                self._acc.notify_wanted = True
             return
         now = self._loop.time()
         self._retries.move_due(now, self._owned)
@@ -354,7 +358,8 @@ class Sender:
             # can provoke inside aiohttp: all retryable, none may kill the worker.
             if isinstance(exc, TimeoutError):
                 now = time.perf_counter()
-                self._limit.timed_out(now - sent_at, in_flight, now)
+                if self._limit.timed_out(now - sent_at, in_flight, now):
+                    self.notify()  # waiting events may use the new room at once
             self._retry_later(item, None, None, exc, 0)
             return
         finally:

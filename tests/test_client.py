@@ -773,3 +773,54 @@ async def test_an_event_put_as_the_last_worker_goes_idle_is_not_stranded() -> No
             await asyncio.sleep(0.005)
         assert raced == [True]
         assert transport.names == ["first", "raced"]
+
+
+class RacingWorkers(set[asyncio.Task[None]]):
+    """A sender's worker set that runs ``race`` once, the next time it is counted."""
+
+    race: Callable[[], None] | None = None
+
+    def __len__(self) -> int:
+        race, self.race = self.race, None
+        if race is not None:
+            race()
+        return super().__len__()
+
+
+async def test_an_event_put_while_a_kick_finds_nothing_to_do_is_not_stranded() -> None:
+    # A kick (here the one flush() schedules, with nothing pending and no worker left)
+    # counts the backlog, then the workers. Another thread's put between the two must
+    # schedule a kick of its own: this one has counted no backlog and starts no worker.
+    transport = GatedTransport()
+    transport.gate = asyncio.get_running_loop().create_future()
+    transport.open()  # answers at once
+    async with OpenPanel(
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        transport=transport,
+        adaptive_concurrency=False,
+        idle_timeout=0.05,
+    ) as op:
+        await op.start()
+        op.track("first")
+        sender = op._sender
+        assert sender is not None
+        deadline = time.monotonic() + 2.0
+        while (transport.names != ["first"] or sender._workers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert not sender._workers  # the one worker has timed out and gone
+        workers = sender._workers = RacingWorkers()
+        raced: list[bool] = []
+
+        def put_from_another_thread() -> None:
+            thread = threading.Thread(target=lambda: raced.append(op.track("raced")))
+            thread.start()
+            thread.join()
+
+        workers.race = put_from_another_thread
+        assert await op.flush(timeout=1.0)  # nothing pending: it only wakes the sender
+        deadline = time.monotonic() + 1.0  # not another flush(): it would wake it again
+        while len(transport.names) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert raced == [True]
+        assert transport.names == ["first", "raced"]

@@ -266,6 +266,22 @@ def test_one_stray_timeout_among_answers_cuts_nothing() -> None:
     assert TIMEOUT_WEIGHT > RTT_TOLERANCE  # a round of timeouts alone still reads as a queue
 
 
+def test_a_timeout_that_ends_a_round_of_waiting_events_says_the_limit_grew() -> None:
+    # The caller starts more requests only when told: a round whose answers found events
+    # waiting grows the limit when it ends, whether an answer or a timeout ends it.
+    limit = ConcurrencyLimit(256)
+    feed = Feed(limit)
+    feed.past_probe(0.050)
+    assert limit.value == START
+    feed.answers(START - 1, 0.050)
+    assert limit.value == START
+    assert limit.timed_out(0.060, START, now=feed.now) is True
+    assert limit.value == 2 * START
+    # A timeout that moves nothing, or cuts, says no.
+    assert limit.timed_out(0.060, START, now=feed.now) is False
+    assert ConcurrencyLimit(8, adaptive=False).timed_out(10.0, 8, now=1.0) is False
+
+
 def test_a_429_burst_halves_once_and_answers_grow_it_back() -> None:
     limit = ConcurrencyLimit(32, adaptive=False)
     limit.rate_limited(now=1.0, paused_until=1.5)
