@@ -99,10 +99,16 @@ class Sender:
         self._loop = asyncio.get_running_loop()
         self._thread_id = threading.get_ident()
         if transport is None:
-            transport_class = Http11Transport if http_client == "builtin" else AiohttpTransport
-            transport = transport_class(
-                max_connections=max_concurrency, request_timeout=request_timeout
-            )
+            if http_client == "builtin":
+                transport = Http11Transport(
+                    max_connections=max_concurrency, request_timeout=request_timeout
+                )
+            else:
+                transport = AiohttpTransport(
+                    max_connections=max_concurrency,
+                    request_timeout=request_timeout,
+                    default_headers=self._headers,  # never changed: see _attempt
+                )
         self._transport: Transport = transport
         self._transport_closed = False
         self._workers: set[asyncio.Task[None]] = set()
@@ -337,7 +343,7 @@ class Sender:
             item.first_attempt = loop.time()
         item.attempts += 1
         if item.client_ip is None and item.user_agent is None:
-            headers = self._headers
+            headers = self._headers  # this very mapping: the aiohttp session's defaults
         else:
             headers = dict(self._headers)
             if item.user_agent is not None:

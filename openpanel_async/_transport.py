@@ -44,18 +44,34 @@ class Transport(Protocol):
 
 
 class AiohttpTransport:
-    """One aiohttp ClientSession with a keep-alive pool; created on the running loop."""
+    """One aiohttp ClientSession with a keep-alive pool; created on the running loop.
 
-    def __init__(self, *, max_connections: int, request_timeout: float) -> None:
+    ``default_headers``: the mapping most requests are posted with (the sender's static
+    headers, which it never changes). The session holds them as its default headers, and
+    a post with that very mapping passes none: aiohttp then copies its prepared defaults
+    instead of converting and merging a dict per request (3-4% of the CPU per request).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        request_timeout: float,
+        default_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self._default_headers = default_headers
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0),
             timeout=aiohttp.ClientTimeout(total=request_timeout),
+            headers=default_headers,
         )
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> TransportResponse:
+        # Any other mapping holds every header and overrides the defaults it repeats.
+        sent = None if headers is self._default_headers else headers
         # Never follow redirects: the secret must not travel to another host.
         async with self._session.post(
-            url, data=body, headers=headers, allow_redirects=False
+            url, data=body, headers=sent, allow_redirects=False
         ) as response:
             content = await response.content.read(MAX_RESPONSE_BYTES)
             return TransportResponse(response.status, response.headers, content)

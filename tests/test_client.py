@@ -109,6 +109,32 @@ async def test_every_event_type_exact_payload_and_headers(server: LocalOpenPanel
         assert "content-encoding" not in headers
 
 
+@pytest.mark.parametrize("http_client", ["aiohttp", "builtin"])
+async def test_each_header_is_sent_once_and_per_event_ones_replace_the_static_ones(
+    server: LocalOpenPanel, http_client: str
+) -> None:
+    # aiohttp gets the static headers as its session's defaults, and the per-event
+    # user agent and IP on top of them: none may be sent twice, nor leak to the next event.
+    async with make_client(server, http_client=http_client) as op:
+        assert op.track("plain")
+        with openpanel_async.event_context(user_agent="agent/1", client_ip="203.0.113.9"):
+            assert op.track("from_a_request")
+        assert op.track("plain_again")
+        assert await op.flush(timeout=5)
+    by_name = {r.payload["name"]: r for r in server.requests if r.payload is not None}
+    assert sorted(by_name) == ["from_a_request", "plain", "plain_again"]
+    for name, request in by_name.items():
+        names = [header for header, _ in request.raw_headers]
+        assert len(names) == len(set(names)), (name, names)
+        assert request.headers["openpanel-client-secret"] == CLIENT_SECRET
+    ours = f"openpanel-async/{openpanel_async.__version__}"
+    for name in ("plain", "plain_again"):
+        assert by_name[name].headers["user-agent"] == ours
+        assert "x-client-ip" not in by_name[name].headers
+    assert by_name["from_a_request"].headers["user-agent"] == "agent/1"
+    assert by_name["from_a_request"].headers["x-client-ip"] == "203.0.113.9"
+
+
 async def test_optionals_left_unset_are_omitted_not_null(server: LocalOpenPanel) -> None:
     async with make_client(server) as op:
         op.track("bare")

@@ -64,6 +64,8 @@ class ReceivedRequest:
     status: int | None  # None: the connection was dropped or the request hung
     type: str | None  # the event type, when the body parsed
     payload: dict[str, Any] | None  # the decoded payload, when the body parsed
+    # Every header in the order received, repeats kept (``headers`` keeps the last).
+    raw_headers: tuple[tuple[str, str], ...] = ()  # lower-case names
 
     @property
     def properties(self) -> dict[str, Any]:
@@ -268,6 +270,7 @@ class LocalOpenPanel:
             received = ReceivedRequest(
                 path=request.path,
                 headers={k.lower(): v for k, v in request.headers.items()},
+                raw_headers=tuple((k.lower(), v) for k, v in request.headers.items()),
                 body=body,
                 arrived=arrived,
                 status=status,
