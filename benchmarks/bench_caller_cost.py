@@ -3,9 +3,10 @@
 Each call of ``op.track(name, 5 properties, profile_id=...)`` is timed on its own with
 ``perf_counter_ns`` (the cost of the timer pair, measured in the same run, is subtracted).
 The client runs on the event loop against the local benchmark server, as in production: the
-calls come in batches of ``--batch`` with a loop iteration in between, so the first call of
-each batch pays for waking the sender, and the sender delivers in the background between
-batches (never during a timed call).
+calls come in batches of ``--batch`` with a loop iteration in between, and the sender
+delivers in the background between batches (never during a timed call). The first call of
+each batch pays for the caches the sender's work evicted, and for waking the sender when a
+worker of it is idle (at this rate they are mostly all busy, and need no wake-up).
 
 Baseline: the raw cost of ``deque.append(msgspec.json.Encoder().encode(envelope))`` for the
 same event, timed the same way, in batches interleaved with the track() batches (which of

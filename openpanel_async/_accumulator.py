@@ -65,9 +65,9 @@ class Accumulator:
         self.failed_by_reason: dict[str, int] = {}
         # Set by the sender once it runs: put() calls notify (outside the lock) while
         # notify_wanted is set. The sender clears the flag while a wake-up is already on
-        # its way, and while every worker is busy, so a burst of events costs one
-        # attribute check each, not one call. put() reads the flag after its append: a
-        # worker that sets it and then finds the deque empty can sleep safely.
+        # its way, and while every worker is busy and no more may start, so a burst of
+        # events costs one attribute check each, not one call. put() reads the flag after
+        # its append: a worker that sets it and then finds the deque empty can sleep safely.
         self.notify: Callable[[], None] | None = None
         self.notify_wanted = False
         self._lock = threading.Lock()

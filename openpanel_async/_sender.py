@@ -294,7 +294,13 @@ class Sender:
             self._break(exc)
         finally:
             self._workers.discard(task)
-            self._arm_notify()  # there may be room for a new worker now
+            if not self._stopping and (self._owned or self._acc.ready):
+                # Leaving work behind: a retry that fell due at once (a 429 whose wait is
+                # already over) went to _owned for this worker to take, but the same 429
+                # lowered the limit below the pool and it leaves. The others may be idle.
+                self.notify()
+            else:
+                self._arm_notify()  # there may be room for a new worker now
 
     async def _wait_for_work(self) -> bool:
         """Sleep until woken (True) or idle for too long (False: the worker should exit)."""
@@ -304,7 +310,7 @@ class Sender:
         if self._acc.ready:
             # Put by another thread after _take() found nothing but before the line above
             # armed notify, so that put did not call it (a put reads the flag after its
-            # append, so any later one does).
+            # append, so any later one calls it, or finds a kick already on its way).
             self._idle.remove(waiter)
             return True
         try:

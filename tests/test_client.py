@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -21,12 +23,15 @@ from openpanel_async import (
     Identify,
     InvalidEventError,
     OpenPanel,
+    RetryPolicy,
     SendTimeoutError,
     Track,
     TransportResponse,
 )
 from openpanel_async._accumulator import Accumulator, Item
 from openpanel_async._events import UNSET, encode_event
+from openpanel_async._limit import ConcurrencyLimit
+from openpanel_async._sender import Sender
 from openpanel_async.testing import LocalOpenPanel, Reply
 
 from .conftest import CLIENT_ID, CLIENT_SECRET, assert_accounted, make_client
@@ -726,9 +731,30 @@ async def test_stats_snapshot_is_frozen(server: LocalOpenPanel) -> None:
             stats.dropped_by_reason["x"] = 1  # type: ignore[index]
 
 
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until true or ``timeout``: never flush(), which wakes the sender.
+
+    The deadline is long so that a stall of this shared machine cannot fail a test that
+    passes within a few loop iterations; a stranded event waits far longer (each test
+    sets an idle timeout beyond it, or has no worker left to time out).
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.002)
+    return True
+
+
+def started_sender(op: OpenPanel) -> Sender:
+    sender = op._sender
+    assert sender is not None
+    return sender
+
+
 async def test_no_wake_up_is_scheduled_while_every_worker_is_busy() -> None:
     # Under load the hot path schedules nothing: a busy worker takes the next event by
-    # itself. Once the backlog is gone and workers idle, events wake them again.
+    # itself. Workers that go idle re-arm the wake-up, and the next event wakes one.
     transport = GatedTransport()
     async with OpenPanel(
         client_id=CLIENT_ID,
@@ -736,35 +762,29 @@ async def test_no_wake_up_is_scheduled_while_every_worker_is_busy() -> None:
         transport=transport,
         max_concurrency=2,
         adaptive_concurrency=False,
-        idle_timeout=30.0,
+        idle_timeout=60.0,
     ) as op:
-        await op.start()
         op.track("busy_1")
         op.track("busy_2")
-        sender = op._sender
-        assert sender is not None
-        while len(sender._current) < 2:
-            await asyncio.sleep(0.001)
+        sender = started_sender(op)
+        assert await until(lambda: len(sender._current) == 2)
         assert op._acc.notify_wanted is False
         for i in range(50):
             op.track(f"queued_{i}")
             assert op._acc.notify_wanted is False
         transport.open()
-        assert await op.flush(timeout=2.0)
-        assert len(transport.names) == 52
-        # Both workers are idle now: the next event wakes one at once.
+        assert await until(lambda: len(transport.names) == 52 and len(sender._idle) == 2)
         assert op._acc.notify_wanted is True
         op.track("after")
-        deadline = time.monotonic() + 1.0  # not flush(): it would wake the sender itself
-        while len(transport.names) < 53 and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        assert await until(lambda: len(transport.names) == 53)
         assert transport.names[-1] == "after"
 
 
 async def test_an_event_put_as_the_last_worker_goes_idle_is_not_stranded() -> None:
     # Another thread's put can land after a worker found the queue empty but before it
     # re-armed the wake-up, so that put schedules none: the worker must see the event
-    # before it sleeps (its idle timeout here is far beyond the flush deadline).
+    # before it sleeps. The put is made on the loop thread inside _take(), right there;
+    # which thread makes it does not matter, only that it finds the wake-up unarmed.
     transport = GatedTransport()
     async with OpenPanel(
         client_id=CLIENT_ID,
@@ -772,14 +792,11 @@ async def test_an_event_put_as_the_last_worker_goes_idle_is_not_stranded() -> No
         transport=transport,
         max_concurrency=1,
         adaptive_concurrency=False,
-        idle_timeout=30.0,
+        idle_timeout=60.0,
     ) as op:
-        await op.start()
         op.track("first")
-        sender = op._sender
-        assert sender is not None
-        while not sender._current:
-            await asyncio.sleep(0.001)
+        sender = started_sender(op)
+        assert await until(lambda: bool(sender._current))
         take = sender._take
         raced: list[bool] = []
 
@@ -793,30 +810,30 @@ async def test_an_event_put_as_the_last_worker_goes_idle_is_not_stranded() -> No
 
         sender._take = take_then_race  # type: ignore[method-assign]
         transport.open()
-        # Not flush(): it would wake the sender itself.
-        deadline = time.monotonic() + 1.0
-        while len(transport.names) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        assert await until(lambda: len(transport.names) == 2)
         assert raced == [True]
         assert transport.names == ["first", "raced"]
 
 
-class RacingWorkers(set[asyncio.Task[None]]):
-    """A sender's worker set that runs ``race`` once, the next time it is counted."""
+class RacingDeque(deque[Item]):
+    """A queue that runs ``race`` once, right after ``Sender._kick`` has counted it."""
 
     race: Callable[[], None] | None = None
 
     def __len__(self) -> int:
+        length = super().__len__()
         race, self.race = self.race, None
         if race is not None:
+            # Counted anywhere else, the race would not be in the window under test.
+            assert sys._getframe(1).f_code.co_name == "_kick"
             race()
-        return super().__len__()
+        return length
 
 
 async def test_an_event_put_while_a_kick_finds_nothing_to_do_is_not_stranded() -> None:
     # A kick (here the one flush() schedules, with nothing pending and no worker left)
-    # counts the backlog, then the workers. Another thread's put between the two must
-    # schedule a kick of its own: this one has counted no backlog and starts no worker.
+    # counts the backlog. Another thread's put right after must schedule a kick of its
+    # own: this one has counted no backlog and starts no worker.
     transport = GatedTransport()
     transport.gate = asyncio.get_running_loop().create_future()
     transport.open()  # answers at once
@@ -827,15 +844,10 @@ async def test_an_event_put_while_a_kick_finds_nothing_to_do_is_not_stranded() -
         adaptive_concurrency=False,
         idle_timeout=0.05,
     ) as op:
-        await op.start()
         op.track("first")
-        sender = op._sender
-        assert sender is not None
-        deadline = time.monotonic() + 2.0
-        while (transport.names != ["first"] or sender._workers) and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        assert not sender._workers  # the one worker has timed out and gone
-        workers = sender._workers = RacingWorkers()
+        sender = started_sender(op)
+        assert await until(lambda: transport.names == ["first"] and not sender._workers)
+        queue = op._acc.ready = RacingDeque()
         raced: list[bool] = []
 
         def put_from_another_thread() -> None:
@@ -843,10 +855,89 @@ async def test_an_event_put_while_a_kick_finds_nothing_to_do_is_not_stranded() -
             thread.start()
             thread.join()
 
-        workers.race = put_from_another_thread
-        assert await op.flush(timeout=1.0)  # nothing pending: it only wakes the sender
-        deadline = time.monotonic() + 1.0  # not another flush(): it would wake it again
-        while len(transport.names) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        queue.race = put_from_another_thread
+        assert await op.flush(timeout=5.0)  # nothing pending: it only wakes the sender
+        assert await until(lambda: len(transport.names) == 2)
         assert raced == [True]
         assert transport.names == ["first", "raced"]
+
+
+async def test_a_retry_left_behind_by_a_worker_over_the_limit_wakes_an_idle_one() -> None:
+    # "a" is answered 429 "retry now" while "b"'s worker sits idle. The 429 halves the
+    # limit to 1, so a's worker leaves the pool with a's retry due at once: it must wake
+    # the idle worker (whose own idle timeout is far away) to send it.
+    held: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    names: list[str] = []
+
+    class Transport:
+        async def post(
+            self, url: str, body: bytes, headers: Mapping[str, str]
+        ) -> TransportResponse:
+            name = msgspec.json.decode(body)["payload"]["name"]
+            names.append(name)
+            if names == ["a"] or names == ["b", "a"]:
+                await held
+                return TransportResponse(429, {"retry-after": "0"}, b"{}")
+            return TransportResponse(200, {}, b"{}")
+
+        async def aclose(self) -> None:
+            pass
+
+    async with OpenPanel(
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        transport=Transport(),
+        max_concurrency=2,
+        adaptive_concurrency=False,
+        idle_timeout=60.0,
+    ) as op:
+        op.track("a")
+        op.track("b")
+        sender = started_sender(op)
+        assert await until(lambda: op.stats().delivered == 1 and len(sender._idle) == 1)
+        held.set_result(None)
+        assert await until(lambda: op.stats().delivered == 2)
+        assert sorted(names) == ["a", "a", "b"]
+        assert op.stats().rate_limited == 1
+
+
+async def test_a_timeout_that_raises_the_limit_starts_more_requests_at_once() -> None:
+    # ConcurrencyLimit.timed_out() says when it raised the limit (its own test shows
+    # when); the sender must then wake up, as it does after answered() says so.
+    class GrowsOnTimeout(ConcurrencyLimit):
+        __slots__ = ()
+
+        def timed_out(self, waited: float, in_flight: int, now: float) -> bool:
+            super().timed_out(waited, in_flight, now)
+            return True
+
+    class TimesOutOnce:
+        calls = 0
+
+        async def post(
+            self, url: str, body: bytes, headers: Mapping[str, str]
+        ) -> TransportResponse:
+            self.calls += 1
+            if self.calls == 1:
+                raise TimeoutError
+            return TransportResponse(200, {}, b"{}")
+
+        async def aclose(self) -> None:
+            pass
+
+    async with OpenPanel(
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        transport=TimesOutOnce(),
+        adaptive_concurrency=False,
+        retry=RetryPolicy(wait_initial=0.001, wait_max=0.001),
+    ) as op:
+        await op.start()
+        sender = started_sender(op)
+        sender._limit.__class__ = GrowsOnTimeout
+        woken: list[str] = []
+        notify = sender.notify
+        sender.notify = lambda: (woken.append("notify"), notify())[1]  # type: ignore[method-assign]
+        op.track("times_out_once")
+        assert await until(lambda: op.stats().delivered == 1)
+        assert woken == ["notify"]

@@ -277,7 +277,7 @@ def test_a_timeout_that_ends_a_round_of_waiting_events_says_the_limit_grew() -> 
     assert limit.value == START
     assert limit.timed_out(0.060, START, now=feed.now) is True
     assert limit.value == 2 * START
-    # A timeout that moves nothing, or cuts, says no.
+    # A timeout that moves nothing says no (one that cuts says no too: value <= before).
     assert limit.timed_out(0.060, START, now=feed.now) is False
     assert ConcurrencyLimit(8, adaptive=False).timed_out(10.0, 8, now=1.0) is False
 
