@@ -37,20 +37,13 @@ answers are round trips (a proxy's fast 502 says nothing about the server), and 
 as round trips of at least the request timeout.
 
 Under steady load every round trip includes some queueing, so a floor taken from them would
-creep up and hide the queue. The floor is therefore measured by a probe: the limit drops
-to ``PROBE_LIMIT`` until ``MIN_ROUND`` requests sent during the probe have answered (those
-already in flight drain first), and the floor is the median of their round trips. The
-median, not the minimum: a server whose answers vary from 10 to 30 ms is not queueing when
-most take 20. A probe costs about three round trips at ``PROBE_LIMIT`` in flight (one to
-drain, two for its answers): over a 150 ms round trip, half a second of next to no
-delivery. So a probe runs only when its answer matters:
-
-- at the first answer (there is no floor yet);
-- when a round would cut the limit on a floor older than ``FLOOR_WINDOW``: a server that
-  has become slower for good looks like a queue, and the probe tells which it is (so a
-  floor that is too low cuts for one window at most);
-- at the first answer once the floor is older than ``FLOOR_MAX_AGE``: a floor that is too
-  high never makes a round cut, and would hide a queue for good.
+creep up and hide the queue. The first answer, and the first after every ``FLOOR_WINDOW``
+seconds, therefore start a probe: the limit drops to ``PROBE_LIMIT`` until ``MIN_ROUND``
+requests sent during the probe have answered (those already in flight drain first), and
+the floor is the median of their round trips (a server that has become slower for good is
+thus taken for a queue for one window at most). The median, not the minimum: a server
+whose answers vary from 10 to 30 ms is not queueing when most take 20. A probe costs
+about three round trips at ``PROBE_LIMIT`` in flight: one to drain, two for its answers.
 """
 
 from __future__ import annotations
@@ -68,7 +61,6 @@ RTT_TOLERANCE = 2.0
 # A timeout counts as a round trip of at most this many floors (see timed_out()).
 TIMEOUT_WEIGHT = 2 * RTT_TOLERANCE
 FLOOR_WINDOW = 10.0
-FLOOR_MAX_AGE = 60.0
 # A round is at least this many answers (and at least the limit): fewer are too noisy.
 MIN_ROUND = 8
 
@@ -80,7 +72,6 @@ class ConcurrencyLimit:
         "_adaptive",
         "_cut_blocked_until",
         "_floor",
-        "_floor_fresh_until",
         "_next_probe",
         "_probe_rtts",
         "_probe_since",
@@ -109,8 +100,7 @@ class ConcurrencyLimit:
         self._rate_answers = 0  # answers since the rate cap last moved
         self._floor = math.inf  # what the last probe measured (inf: none yet)
         # The first answer starts a probe: the floor is known before the limit moves.
-        self._next_probe = -math.inf  # set when a probe ends: FLOOR_MAX_AGE later
-        self._floor_fresh_until = -math.inf  # FLOOR_WINDOW after a probe ends
+        self._next_probe = -math.inf  # set when a probe ends
         self._probe_since: float | None = None  # when the current probe started
         # Round trips of its answers to requests sent after it started.
         self._probe_rtts: list[float] = []
@@ -154,12 +144,11 @@ class ConcurrencyLimit:
                         rtts.sort()
                         self._floor = rtts[len(rtts) // 2]
                         self._probe_since = None
-                        self._next_probe = now + FLOOR_MAX_AGE
-                        self._floor_fresh_until = now + FLOOR_WINDOW
+                        self._next_probe = now + FLOOR_WINDOW
             elif now >= self._next_probe:
                 self._start_probe(now)
             else:
-                self._count(rtt, in_flight, wanted_more, now)
+                self._count(rtt, in_flight, wanted_more)
         self._set_value()
         return self.value > before
 
@@ -182,9 +171,7 @@ class ConcurrencyLimit:
         before = self.value
         if self._adaptive and self._probe_since is None and self._floor < math.inf:
             rtt = min(waited, TIMEOUT_WEIGHT * self._floor)
-            # A timeout never starts a probe: a server that stopped answering would never
-            # let it end. (now=-inf: the floor is never too old for a cut here.)
-            self._count(rtt, in_flight, False, -math.inf)
+            self._count(rtt, in_flight, wanted_more=False)
             self._set_value()
         return self.value > before
 
@@ -203,9 +190,10 @@ class ConcurrencyLimit:
         self.value = min(value, PROBE_LIMIT) if self._probe_since is not None else value
 
     def _start_probe(self, now: float) -> None:
-        # Hold PROBE_LIMIT requests in flight for a moment: the requests already in
-        # flight answer first, then MIN_ROUND answers that met (almost) no queue set the
-        # floor afresh (see the module's docstring for when).
+        # Under steady load every round trip includes some queueing, so the floor would
+        # creep up and hide the queue. Every FLOOR_WINDOW seconds, hold PROBE_LIMIT
+        # requests in flight for a moment: the requests already in flight answer first,
+        # then MIN_ROUND answers that met (almost) no queue set the floor afresh.
         self._probe_since = now
         self._probe_rtts = []
         self._slow_start_until = self.maximum  # a fresh look at how far the limit may grow
@@ -217,12 +205,8 @@ class ConcurrencyLimit:
         self._round_in_flight = 0
         self._round_wanted_more = False
 
-    def _count(self, rtt: float, in_flight: int, wanted_more: bool, now: float) -> None:
-        """Add one answer to the round; at the round's end, move the queue cap.
-
-        A round that would cut on a floor older than FLOOR_WINDOW starts a probe instead
-        (``now``: when the answer came; -inf never does).
-        """
+    def _count(self, rtt: float, in_flight: int, wanted_more: bool) -> None:
+        """Add one answer to the round; at the round's end, move the queue cap."""
         answers = self._round_answers + 1
         self._round_rtt += rtt
         self._round_in_flight += in_flight
@@ -247,9 +231,6 @@ class ConcurrencyLimit:
         target = math.ceil(served) + QUEUE_HIGH
         slowed = mean_rtt > RTT_TOLERANCE * floor
         if queued > QUEUE_HIGH and slowed:
-            if now >= self._floor_fresh_until:
-                self._start_probe(now)  # queue, or a server slower for good? Measure.
-                return
             cap = min(cap, max(target, cap // 2))
             self._slow_start_until = cap
         elif wanted:

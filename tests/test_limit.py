@@ -16,7 +16,6 @@ import pytest
 
 from openpanel_async import ConfigError, OpenPanel
 from openpanel_async._limit import (
-    FLOOR_MAX_AGE,
     FLOOR_WINDOW,
     MIN_ROUND,
     PROBE_LIMIT,
@@ -210,47 +209,27 @@ def test_a_server_answering_many_at_once_gets_no_2x_swings() -> None:
     assert set(steps) == {QUEUE_LOW}, values
 
 
-def test_a_round_that_would_cut_on_an_old_floor_probes_it_first() -> None:
+def test_the_floor_is_probed_again_every_floor_window() -> None:
     limit = ConcurrencyLimit(256)
     feed = Feed(limit)
     feed.past_probe(0.010)
     assert limit.floor == 0.010
-    # The server became slower for good: 0.040 with no queue. While the floor is fresh
-    # the rounds look queued, and the limit is cut ...
+    # The server became slower for good: 0.040 with no queue. Until the next probe the
+    # rounds look queued (the limit is cut) ...
     feed.answers(limit.value, 0.040)
-    cut = limit.value
-    assert cut < START
+    assert limit.value < START
     assert not limit.probing
-    # ... but once it is older than FLOOR_WINDOW, a round that would cut probes instead.
     feed.now += FLOOR_WINDOW
-    feed.answers(limit.value - 1, 0.040)
-    assert not limit.probing
     feed.answers(1, 0.040)
     assert limit.probing
     assert limit.value == PROBE_LIMIT
     while limit.probing:
         feed.answers(1, 0.040, PROBE_LIMIT)
-    # The new floor holds: the limit is back where it was, nothing queues, it grows.
+    # ... and after it the new floor holds: nothing queues, so it grows back.
     assert limit.floor == 0.040
-    assert limit.value == cut
+    cut = limit.value
     feed.answers(limit.value, 0.040)
     assert limit.value == 2 * cut
-
-
-def test_without_a_queue_the_floor_is_probed_only_when_older_than_max_age() -> None:
-    # Probing costs three round trips at PROBE_LIMIT in flight: over a long round trip
-    # that is not repeated every FLOOR_WINDOW while nothing queues.
-    limit = ConcurrencyLimit(256)
-    feed = Feed(limit)
-    feed.past_probe(0.150)
-    probed_at = feed.now
-    while feed.now < probed_at + FLOOR_MAX_AGE - 1.0:
-        feed.rounds(1, 0.150)
-        assert not limit.probing
-    assert limit.value == 256
-    feed.now = probed_at + FLOOR_MAX_AGE
-    feed.answers(1, 0.150)
-    assert limit.probing
 
 
 def test_timeouts_count_as_long_round_trips_but_never_as_the_floor() -> None:
