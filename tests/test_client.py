@@ -26,6 +26,7 @@ from openpanel_async import (
     RetryPolicy,
     SendTimeoutError,
     Track,
+    Transport,
     TransportResponse,
 )
 from openpanel_async._accumulator import Accumulator, Item
@@ -746,6 +747,25 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     return True
 
 
+def fixed_client(
+    transport: Transport, *, max_concurrency: int = 16, idle_timeout: float = 60.0, **options: Any
+) -> OpenPanel:
+    """A client over ``transport`` whose concurrency limit does not adapt.
+
+    The idle timeout is long by default: an event stranded with an idle worker then waits
+    far beyond any test's deadline instead of being picked up when that worker times out.
+    """
+    return OpenPanel(
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        transport=transport,
+        max_concurrency=max_concurrency,
+        adaptive_concurrency=False,
+        idle_timeout=idle_timeout,
+        **options,
+    )
+
+
 def started_sender(op: OpenPanel) -> Sender:
     sender = op._sender
     assert sender is not None
@@ -756,14 +776,7 @@ async def test_no_wake_up_is_scheduled_while_every_worker_is_busy() -> None:
     # Under load the hot path schedules nothing: a busy worker takes the next event by
     # itself. Workers that go idle re-arm the wake-up, and the next event wakes one.
     transport = GatedTransport()
-    async with OpenPanel(
-        client_id=CLIENT_ID,
-        client_secret=CLIENT_SECRET,
-        transport=transport,
-        max_concurrency=2,
-        adaptive_concurrency=False,
-        idle_timeout=60.0,
-    ) as op:
+    async with fixed_client(transport, max_concurrency=2) as op:
         op.track("busy_1")
         op.track("busy_2")
         sender = started_sender(op)
@@ -786,14 +799,7 @@ async def test_an_event_put_as_the_last_worker_goes_idle_is_not_stranded() -> No
     # before it sleeps. The put is made on the loop thread inside _take(), right there;
     # which thread makes it does not matter, only that it finds the wake-up unarmed.
     transport = GatedTransport()
-    async with OpenPanel(
-        client_id=CLIENT_ID,
-        client_secret=CLIENT_SECRET,
-        transport=transport,
-        max_concurrency=1,
-        adaptive_concurrency=False,
-        idle_timeout=60.0,
-    ) as op:
+    async with fixed_client(transport, max_concurrency=1) as op:
         op.track("first")
         sender = started_sender(op)
         assert await until(lambda: bool(sender._current))
@@ -837,13 +843,7 @@ async def test_an_event_put_while_a_kick_finds_nothing_to_do_is_not_stranded() -
     transport = GatedTransport()
     transport.gate = asyncio.get_running_loop().create_future()
     transport.open()  # answers at once
-    async with OpenPanel(
-        client_id=CLIENT_ID,
-        client_secret=CLIENT_SECRET,
-        transport=transport,
-        adaptive_concurrency=False,
-        idle_timeout=0.05,
-    ) as op:
+    async with fixed_client(transport, idle_timeout=0.05) as op:
         op.track("first")
         sender = started_sender(op)
         assert await until(lambda: transport.names == ["first"] and not sender._workers)
@@ -869,7 +869,7 @@ async def test_a_retry_left_behind_by_a_worker_over_the_limit_wakes_an_idle_one(
     held: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     names: list[str] = []
 
-    class Transport:
+    class RetryNowTransport:
         async def post(
             self, url: str, body: bytes, headers: Mapping[str, str]
         ) -> TransportResponse:
@@ -883,14 +883,7 @@ async def test_a_retry_left_behind_by_a_worker_over_the_limit_wakes_an_idle_one(
         async def aclose(self) -> None:
             pass
 
-    async with OpenPanel(
-        client_id=CLIENT_ID,
-        client_secret=CLIENT_SECRET,
-        transport=Transport(),
-        max_concurrency=2,
-        adaptive_concurrency=False,
-        idle_timeout=60.0,
-    ) as op:
+    async with fixed_client(RetryNowTransport(), max_concurrency=2) as op:
         op.track("a")
         op.track("b")
         sender = started_sender(op)
@@ -925,12 +918,8 @@ async def test_a_timeout_that_raises_the_limit_starts_more_requests_at_once() ->
         async def aclose(self) -> None:
             pass
 
-    async with OpenPanel(
-        client_id=CLIENT_ID,
-        client_secret=CLIENT_SECRET,
-        transport=TimesOutOnce(),
-        adaptive_concurrency=False,
-        retry=RetryPolicy(wait_initial=0.001, wait_max=0.001),
+    async with fixed_client(
+        TimesOutOnce(), retry=RetryPolicy(wait_initial=0.001, wait_max=0.001)
     ) as op:
         await op.start()
         sender = started_sender(op)
