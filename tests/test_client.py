@@ -921,7 +921,6 @@ async def test_a_timeout_that_raises_the_limit_starts_more_requests_at_once() ->
     async with fixed_client(
         TimesOutOnce(), retry=RetryPolicy(wait_initial=0.001, wait_max=0.001)
     ) as op:
-        await op.start()
         sender = started_sender(op)
         sender._limit.__class__ = GrowsOnTimeout
         woken: list[str] = []

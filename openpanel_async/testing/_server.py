@@ -267,10 +267,11 @@ class LocalOpenPanel:
             return web.Response(status=499)  # never reaches the client
         finally:
             self.in_flight -= 1
+            raw_headers = tuple((k.lower(), v) for k, v in request.headers.items())
             received = ReceivedRequest(
                 path=request.path,
-                headers={k.lower(): v for k, v in request.headers.items()},
-                raw_headers=tuple((k.lower(), v) for k, v in request.headers.items()),
+                headers=dict(raw_headers),  # a repeated header: the last one
+                raw_headers=raw_headers,
                 body=body,
                 arrived=arrived,
                 status=status,
