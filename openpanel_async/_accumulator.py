@@ -231,6 +231,19 @@ class Accumulator:
             self._room_compact_at = max(_ROOM_COMPACT_MIN, 2 * len(live))
         return future
 
+    def delivery_awaited(self) -> bool:
+        """Whether a caller waits for delivery now: a send() for room, or a flush().
+
+        On the sender's loop (where both kinds of waiters live). Waits that timed out or
+        were cancelled leave done futures behind: those do not count.
+        """
+        room = self._room_waiters
+        while room and room[0].done():
+            room.popleft()
+        if room:
+            return True
+        return any(not future.done() for _, future in self._flush_waiters)
+
     def wake_one_room_waiter(self) -> None:
         """Wake the longest-waiting send() still waiting (those timed out are skipped)."""
         waiters = self._room_waiters

@@ -81,7 +81,9 @@ class Sender:
         self._on_orphaned = on_orphaned
         self._url = url
         self._headers = dict(headers)
-        self._limit = ConcurrencyLimit(max_concurrency, adaptive=adaptive_concurrency)
+        self._limit = ConcurrencyLimit(
+            max_concurrency, adaptive=adaptive_concurrency, awaited=accumulator.delivery_awaited
+        )
         self._request_timeout = request_timeout
         self._retry = retry
         self._on_error = on_error

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Callable
 
 import pytest
 
-from openpanel_async import ConfigError, OpenPanel
+from openpanel_async import ConfigError, OpenPanel, SendTimeoutError, Track
 from openpanel_async._limit import (
     FLOOR_WINDOW,
+    LOOP_SATURATED,
     MIN_ROUND,
     PROBE_LIMIT,
     QUEUE_HIGH,
@@ -323,6 +325,74 @@ def test_the_lower_of_the_429_cut_and_the_queue_cut_applies() -> None:
     assert feed.rounds(4, 0.001) == [6, queue_cut, queue_cut + QUEUE_LOW, queue_cut + 2 * QUEUE_LOW]
 
 
+class Waited:
+    """A limit fed synthetic answers while callers wait on delivery (or not), on a thread
+    that is on the CPU for ``busy`` of the synthetic time."""
+
+    def __init__(self, *, awaited: bool, busy: float) -> None:
+        self.awaited = awaited
+        self.busy = busy
+        self.asked = 0
+        self.limit = ConcurrencyLimit(256, awaited=self._awaited, cpu_clock=self._cpu)
+        self.feed = Feed(self.limit)
+        self.feed.past_probe(0.001)
+
+    def _awaited(self) -> bool:
+        self.asked += 1
+        return self.awaited
+
+    def _cpu(self) -> float:
+        return self.feed.now * self.busy
+
+    def saturated_rounds(self, count: int) -> list[int]:
+        # Round trips proportional to the requests in flight: everything but one waits.
+        return self.feed.rounds(count, lambda n: 0.001 * n)
+
+
+def test_a_queue_in_a_saturated_loop_is_not_cut_while_callers_wait_for_delivery() -> None:
+    waited = Waited(awaited=True, busy=1.0)
+    # No cut: the limit doubles per round to the maximum, and stays there.
+    assert waited.saturated_rounds(4) == [128, 256, 256, 256]
+    # Nobody waits any more (the flush ended): the queue cuts it again, by half per round.
+    waited.awaited = False
+    assert waited.saturated_rounds(3) == [128, 64, 32]
+
+
+def test_a_loop_just_over_the_saturation_share_counts_as_saturated() -> None:
+    waited = Waited(awaited=True, busy=LOOP_SATURATED * 1.01)
+    assert waited.saturated_rounds(2) == [128, 256]
+
+
+def test_a_queue_while_the_loop_is_mostly_idle_is_the_servers_and_is_cut() -> None:
+    # Callers wait, but this thread was on the CPU for less than LOOP_SATURATED of the
+    # round: what queues is the server, which more requests would only crowd.
+    waited = Waited(awaited=True, busy=LOOP_SATURATED * 0.9)
+    assert waited.saturated_rounds(2) == [START // 2, START // 4]
+
+
+def test_a_queue_in_a_saturated_loop_is_cut_when_nobody_waits_for_delivery() -> None:
+    # The loop-lag case: the application's tasks share the loop, and shorter iterations
+    # (fewer answers at once) are what keeps them responsive.
+    waited = Waited(awaited=False, busy=1.0)
+    assert waited.saturated_rounds(2) == [START // 2, START // 4]
+
+
+def test_a_round_with_a_timeout_is_cut_even_while_callers_wait() -> None:
+    waited = Waited(awaited=True, busy=1.0)
+    feed, limit = waited.feed, waited.limit
+    feed.answers(START - 1, 0.001 * START)
+    limit.timed_out(10.0, START, now=feed.now)
+    assert limit.value == START // 2
+
+
+def test_whether_callers_wait_is_asked_only_when_a_round_would_cut() -> None:
+    waited = Waited(awaited=True, busy=1.0)
+    waited.feed.rounds(3, 0.001)  # no queue
+    assert waited.asked == 0
+    waited.saturated_rounds(2)
+    assert waited.asked == 2
+
+
 # --- the real client ----------------------------------------------------------------------
 
 
@@ -348,7 +418,11 @@ async def test_a_saturated_server_gets_few_requests_at_once(
                 while op.stats().delivered < 250:
                     await asyncio.sleep(0.005)
             server.reset()  # the peak from here on
-            assert await op.flush(timeout=10)
+            # Polled, not flush(): a caller waiting on delivery may get more in flight
+            # when this loop is busy (see the tests below).
+            async with asyncio.timeout(10):
+                while op.stats().delivered < 400:
+                    await asyncio.sleep(0.005)
         stats = op.stats()
         assert (stats.delivered, stats.failed) == (400, 0)
         # About QUEUE_HIGH + 4 (what the probe's floor takes for served); without
@@ -357,6 +431,106 @@ async def test_a_saturated_server_gets_few_requests_at_once(
         # full run), so the bound leaves room: half of 64.
         assert stats.concurrency <= 3 * QUEUE_HIGH
         assert server.peak_in_flight <= 4 * QUEUE_HIGH
+
+
+def _loop_reads_as(op: OpenPanel, busy: bool) -> None:
+    """Make the sender's limit read its thread as saturated (or idle) whatever it does:
+    the real share depends on this machine, and on the local server sharing the loop."""
+    sender = op._sender
+    assert sender is not None
+    sender._limit._cpu_clock = time.perf_counter if busy else (lambda: 0.0)
+
+
+async def _peak_while_delivering(
+    server: LocalOpenPanel, op: OpenPanel, waiting: asyncio.Task[object]
+) -> int:
+    """The server's peak in flight from the 250th delivery on, while ``waiting`` waits."""
+    async with asyncio.timeout(10):
+        while op.stats().delivered < 250:
+            await asyncio.sleep(0.005)
+    assert not waiting.done()
+    server.reset()
+    async with asyncio.timeout(10):
+        await waiting
+    return server.peak_in_flight
+
+
+@pytest.mark.parametrize("delivery", ["loop", "thread"])
+async def test_a_flush_through_a_saturated_loop_gets_max_concurrency(delivery: str) -> None:
+    async with LocalOpenPanel(response_delay=0.001, capacity=1) as server:
+        op = _client(server.url, max_concurrency=64, delivery=delivery)
+        async with op:
+            await op.start()
+            _loop_reads_as(op, busy=True)
+            for n in range(400):
+                assert op.track("queued", {"n": n})
+            flushing = asyncio.create_task(op.flush(timeout=10))
+            peak = await _peak_while_delivering(server, op, flushing)
+            assert flushing.result() is True
+            assert op.stats().concurrency == 64
+        assert op.stats().delivered == 400
+        assert peak == 64
+
+
+async def test_a_flush_through_an_idle_loop_keeps_few_requests_at_a_saturated_server() -> None:
+    async with LocalOpenPanel(response_delay=0.001, capacity=1) as server:
+        op = _client(server.url, max_concurrency=64)
+        async with op:
+            await op.start()
+            _loop_reads_as(op, busy=False)
+            for n in range(400):
+                assert op.track("queued", {"n": n})
+            flushing = asyncio.create_task(op.flush(timeout=10))
+            peak = await _peak_while_delivering(server, op, flushing)
+            assert flushing.result() is True
+        assert op.stats().delivered == 400
+        assert peak <= 4 * QUEUE_HIGH  # as in the test above
+
+
+async def test_send_waiting_for_room_through_a_saturated_loop_gets_max_concurrency() -> None:
+    async with LocalOpenPanel(response_delay=0.001, capacity=1) as server:
+        op = _client(server.url, max_concurrency=64, max_queue_size=100)
+        async with op:
+            await op.start()
+            _loop_reads_as(op, busy=True)
+
+            async def produce() -> None:
+                for n in range(400):
+                    await op.send(Track(name="queued", properties={"n": n}))
+
+            producing = asyncio.create_task(produce())
+            peak = await _peak_while_delivering(server, op, producing)
+            assert await op.flush(timeout=10)
+        assert op.stats().delivered == 400
+        assert peak == 64
+
+
+async def test_only_live_waits_count_as_callers_waiting_for_delivery() -> None:
+    async with LocalOpenPanel() as server:
+        server.script(Reply(delay=0.5))  # long enough for the checks below
+        op = _client(server.url, max_queue_size=1)
+        async with op:
+            acc = op._acc
+            assert not acc.delivery_awaited()
+            assert op.track("held")  # the server holds it: the queue is full
+            async with asyncio.timeout(5):
+                while server.in_flight < 1:
+                    await asyncio.sleep(0.001)
+            assert not acc.delivery_awaited()
+            sending = asyncio.create_task(op.send(Track(name="waits")))
+            flushing = asyncio.create_task(op.flush())
+            await asyncio.sleep(0.01)
+            assert acc.delivery_awaited()
+            flushing.cancel()
+            await asyncio.sleep(0)
+            assert acc.delivery_awaited()  # the send() still waits
+            sending.cancel()
+            await asyncio.sleep(0)
+            assert not acc.delivery_awaited()
+            # A send() whose wait timed out leaves its future behind: it counts no more.
+            with pytest.raises(SendTimeoutError):
+                await op.send(Track(name="gives_up"), timeout=0.01)
+            assert not acc.delivery_awaited()
 
 
 async def test_without_adaptation_a_saturated_server_gets_max_concurrency() -> None:
