@@ -85,6 +85,8 @@ class Accumulator:
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._room_waiters: deque[asyncio.Future[None]] = deque()
         self._room_compact_at = _ROOM_COMPACT_MIN
+        # send() calls waiting for room, woken or not (on the sender's loop only).
+        self.senders_waiting = 0
 
     # --- producers (any thread) ------------------------------------------------------
 
@@ -234,13 +236,10 @@ class Accumulator:
     def delivery_awaited(self) -> bool:
         """Whether a caller waits for delivery now: a send() for room, or a flush().
 
-        On the sender's loop (where both kinds of waiters live). Waits that timed out or
-        were cancelled leave done futures behind: those do not count.
+        On the sender's loop (where both kinds of waits run). A flush() that timed out or
+        was cancelled leaves a done future behind until the next wake-up: it does not count.
         """
-        room = self._room_waiters
-        while room and room[0].done():
-            room.popleft()
-        if room:
+        if self.senders_waiting:
             return True
         return any(not future.done() for _, future in self._flush_waiters)
 

@@ -152,29 +152,36 @@ class EventIntake:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         woken = False
-        while not acc.put(item, count_drop=False):
-            if acc.refusing is not None:
-                acc.count_drop(acc.refusing)
-                raise ClientClosedError(f"the client is not accepting events ({acc.refusing})")
-            waiter = acc.room_waiter(loop, first=woken)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await waiter
-                woken = True
-            except TimeoutError:
-                # A slot may have come free as the deadline passed (its wake-up may even
-                # have been this waiter's, lost to the timeout): it still counts.
-                if acc.put(item, count_drop=False):
-                    return
-                raise SendTimeoutError(
-                    f"no room in the queue (max_queue_size={acc.max_size}) within {timeout:g}s"
-                ) from None
-            except BaseException:
-                # Cancelled after a settled event woke this waiter, before it could run:
-                # that wake-up stands for a free slot and must go to the next waiter.
-                if waiter.done() and not waiter.cancelled():
-                    acc.wake_one_room_waiter()
-                raise
+        # Counted for as long as it waits, woken or not: a producer woken for a slot has
+        # not run yet while the other answers of the same loop iteration are handled, and
+        # the concurrency limit must still see it waiting (see ConcurrencyLimit).
+        acc.senders_waiting += 1
+        try:
+            while not acc.put(item, count_drop=False):
+                if acc.refusing is not None:
+                    acc.count_drop(acc.refusing)
+                    raise ClientClosedError(f"the client is not accepting events ({acc.refusing})")
+                waiter = acc.room_waiter(loop, first=woken)
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await waiter
+                    woken = True
+                except TimeoutError:
+                    # A slot may have come free as the deadline passed (its wake-up may
+                    # even have been this waiter's, lost to the timeout): it still counts.
+                    if acc.put(item, count_drop=False):
+                        return
+                    raise SendTimeoutError(
+                        f"no room in the queue (max_queue_size={acc.max_size}) within {timeout:g}s"
+                    ) from None
+                except BaseException:
+                    # Cancelled after a settled event woke this waiter, before it could
+                    # run: that wake-up stands for a free slot and must go to the next.
+                    if waiter.done() and not waiter.cancelled():
+                        acc.wake_one_room_waiter()
+                    raise
+        finally:
+            acc.senders_waiting -= 1
 
     def _prepare(self, event: Event, client_ip: str | None, user_agent: str | None) -> Item | None:
         """send()/send_nowait(): a ready-made event gets what the event methods add."""

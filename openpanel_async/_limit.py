@@ -38,13 +38,21 @@ as round trips of at least the request timeout.
 
 Delivery that somebody waits for is the exception: while a ``send()`` waits for room in the
 queue, or a ``flush()`` (or the drain of ``aclose()``) waits for the events to go out, and
-the queue a round found is the client's own event loop (its thread was on the CPU for at
-least ``LOOP_SATURATED`` of the round), the round does not cut and the limit grows towards
-``max_concurrency`` as if nothing queued. Those callers wait on delivery itself, so a
-shorter loop iteration buys them nothing, while more requests in flight spread each
-iteration over more answers and deliver more (10-25% on loopback, where the client's loop
-is the bottleneck). A saturated server (the client's loop mostly idle) is still cut, as is
-any round with a timeout.
+the queue a round found is the client's own event loop, the round does not cut and the
+limit grows towards ``max_concurrency`` as if nothing queued. Those callers wait on
+delivery itself, and when the loop is what requests queue for, more of them in flight
+spread each loop iteration over more answers and deliver more (10-25% on loopback). The
+loop is taken for the queue when both hold over the round:
+
+- answers waited for the loop: it handled at least ``BATCHED`` of them per iteration on
+  average (against a saturated server an idle loop takes each answer as it comes);
+- its thread was on the CPU for at least ``LOOP_SATURATED`` of the round (a server that
+  answers several requests at once also makes batches, but leaves the loop idle).
+
+A round with a timeout is always cut. The price is paid by everything else on the loop:
+while somebody waits, lag is not held down. Once the backlog is gone (a worker finds
+nothing to send) or a round queues with nobody waiting, the limit returns at once to
+where it was before.
 
 Under steady load every round trip includes some queueing, so a floor taken from them would
 creep up and hide the queue. The first answer, and the first after every ``FLOOR_WINDOW``
@@ -81,6 +89,9 @@ MIN_ROUND = 8
 # saturated server spends far less (about 150 µs per answer with aiohttp: 10% at
 # 700 answers/s).
 LOOP_SATURATED = 0.3
+# Answers handled per loop iteration, on average over a round, from which answers are
+# taken to have waited for the loop.
+BATCHED = 2.0
 
 
 def _nobody_waits() -> bool:
@@ -93,6 +104,8 @@ class ConcurrencyLimit:
     __slots__ = (
         "_adaptive",
         "_awaited",
+        "_batches",
+        "_cap_before_wait",
         "_cpu_clock",
         "_cut_blocked_until",
         "_floor",
@@ -103,6 +116,7 @@ class ConcurrencyLimit:
         "_rate_answers",
         "_rate_cap",
         "_round_answers",
+        "_round_batches",
         "_round_cpu",
         "_round_in_flight",
         "_round_rtt",
@@ -120,16 +134,22 @@ class ConcurrencyLimit:
         *,
         adaptive: bool = True,
         awaited: Callable[[], bool] = _nobody_waits,
+        batches: Callable[[], int] | None = None,
         cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         """``awaited``: whether a caller now waits for delivery (a send() for room, a
-        flush()); asked only when a round would cut. ``cpu_clock``: the CPU time of the
-        thread the answers are handled on, read once per round.
+        flush()); asked only when a round would cut. ``batches``: a count of the loop
+        iterations in which answers were handled so far (None: every answer its own).
+        ``cpu_clock``: the CPU time of the thread the answers are handled on. Both are
+        read once per round.
         """
         self.maximum = maximum
         self._adaptive = adaptive
         self._awaited = awaited
+        self._batches = batches
         self._cpu_clock = cpu_clock
+        # The queue cap when waiting callers first lifted it (None: not lifted).
+        self._cap_before_wait: int | None = None
         # How many can go without queueing (without adaptation: all of them).
         self._queue_cap = min(maximum, START) if adaptive else maximum
         # Like TCP's ssthresh: the queue cap doubles per round below it, and grows by
@@ -151,6 +171,7 @@ class ConcurrencyLimit:
         self._round_timed_out = False
         self._round_started = 0.0  # when the round's first answer came
         self._round_cpu = 0.0  # and the thread's CPU time then
+        self._round_batches = 0  # and the batch count then
         self._cut_blocked_until = 0.0
         self.value = self._queue_cap
 
@@ -229,6 +250,27 @@ class ConcurrencyLimit:
             self._clear_round()
             self._set_value()
 
+    def backlog_gone(self) -> None:
+        """A worker found nothing to send: if waiting callers lifted the limit, their wait
+        is over (the next burst must not start with ``max_concurrency`` in flight)."""
+        if self._cap_before_wait is not None:
+            self._queue_cap = min(self._queue_cap, self._cap_before_wait)
+            self._slow_start_until = self._queue_cap
+            self._cap_before_wait = None
+            self._set_value()
+
+    def _loop_saturated(
+        self, answers: int, now: float, started: float, cpu: float, batches: int
+    ) -> bool:
+        """Whether the round's answers waited for this loop (see the module's docstring)."""
+        if self._batches is None:
+            return False
+        iterations = self._batches() - batches + 1
+        if answers < BATCHED * iterations:
+            return False
+        wall = now - started
+        return wall <= 0 or self._cpu_clock() - cpu >= LOOP_SATURATED * wall
+
     def _set_value(self) -> None:
         value = min(self._queue_cap, self._rate_cap)
         self.value = min(value, PROBE_LIMIT) if self._probe_since is not None else value
@@ -256,6 +298,7 @@ class ConcurrencyLimit:
         if answers == 1:
             self._round_started = now
             self._round_cpu = self._cpu_clock()
+            self._round_batches = self._batches() if self._batches is not None else 0
         self._round_rtt += rtt
         self._round_in_flight += in_flight
         # Only while the limit itself held events back: a few events that just arrived
@@ -270,7 +313,7 @@ class ConcurrencyLimit:
         # Growing is for when the queue cap is what holds events back, not a 429 cut.
         wanted = self._round_wanted_more and self._queue_cap <= self._rate_cap
         timed_out = self._round_timed_out
-        started, cpu = self._round_started, self._round_cpu
+        started, cpu, batches = self._round_started, self._round_cpu, self._round_batches
         self._clear_round()
 
         floor = self.floor
@@ -280,15 +323,26 @@ class ConcurrencyLimit:
         # The limit that would leave QUEUE_HIGH requests waiting.
         target = math.ceil(served) + QUEUE_HIGH
         slowed = mean_rtt > RTT_TOLERANCE * floor
-        if queued > QUEUE_HIGH and slowed and not timed_out and self._awaited():
-            # Callers wait for delivery itself: if the queue is our own loop, lag is no
-            # reason to hold back (see the module's docstring), and the limit grows.
-            wall = now - started
-            if wall <= 0 or (self._cpu_clock() - cpu) >= LOOP_SATURATED * wall:
-                slowed = False
-                self._slow_start_until = self.maximum
+        if (
+            queued > QUEUE_HIGH
+            and slowed
+            and not timed_out
+            and self._loop_saturated(answers, now, started, cpu, batches)
+            and self._awaited()
+        ):
+            # Callers wait for delivery itself, and the queue is our own loop: lag is no
+            # reason to hold back (see the module's docstring). The limit grows.
+            slowed = False
+            self._slow_start_until = self.maximum
+            if self._cap_before_wait is None:
+                self._cap_before_wait = cap
         if queued > QUEUE_HIGH and slowed:
             cap = min(cap, max(target, cap // 2))
+            if self._cap_before_wait is not None:
+                # Nobody waits any more: straight back, not by halves over many rounds
+                # of long loop iterations.
+                cap = min(cap, self._cap_before_wait)
+                self._cap_before_wait = None
             self._slow_start_until = cap
         elif wanted:
             if queued < QUEUE_LOW or not slowed:

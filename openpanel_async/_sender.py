@@ -82,8 +82,16 @@ class Sender:
         self._url = url
         self._headers = dict(headers)
         self._limit = ConcurrencyLimit(
-            max_concurrency, adaptive=adaptive_concurrency, awaited=accumulator.delivery_awaited
+            max_concurrency,
+            adaptive=adaptive_concurrency,
+            awaited=accumulator.delivery_awaited,
+            batches=self._answer_batches,
         )
+        # Loop iterations (near enough) in which successful answers were handled: the
+        # first answer of an iteration opens a batch, and a callback run by the next
+        # iteration closes it. Many answers per batch: they waited for this loop.
+        self._batch_count = 0
+        self._batch_open = False
         self._request_timeout = request_timeout
         self._retry = retry
         self._on_error = on_error
@@ -304,8 +312,15 @@ class Sender:
             else:
                 self._arm_notify()  # there may be room for a new worker now
 
+    def _answer_batches(self) -> int:
+        return self._batch_count
+
+    def _close_batch(self) -> None:
+        self._batch_open = False
+
     async def _wait_for_work(self) -> bool:
         """Sleep until woken (True) or idle for too long (False: the worker should exit)."""
+        self._limit.backlog_gone()
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._idle.append(waiter)
         self._arm_notify()
@@ -386,6 +401,10 @@ class Sender:
             self._budget.read(response_headers, loop.time(), time.time(), self.in_flight)
         if 200 <= status < 300:
             now = time.perf_counter()
+            if not self._batch_open:
+                self._batch_open = True
+                self._batch_count += 1
+                loop.call_soon(self._close_batch)
             wanted_more = bool(self._acc.ready or self._owned)
             if self._limit.answered(now - sent_at, in_flight, now, wanted_more=wanted_more):
                 self.notify()  # waiting events may use the new room at once
