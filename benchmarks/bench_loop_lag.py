@@ -200,6 +200,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.add_argument(
             "--max-concurrency", type=int, default=None, help="the client's max_concurrency"
         )
+        parser.add_argument(
+            "--rates",
+            type=int,
+            nargs="+",
+            default=[1_000, 5_000, 10_000],
+            help="events per second to track (default: 1000 5000 10000)",
+        )
 
     args = parse_args(__doc__ or "", argv, setup)
     if args.max_concurrency is not None:
@@ -207,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     quick: bool = args.quick
     duration = args.duration or (1.0 if quick else 4.0)
     baseline_duration = min(duration, 1.0 if quick else 2.5)
-    rates = [1_000, 5_000, 10_000]
+    rates: list[int] = args.rates
     report = Report("bench_loop_lag", "2. Event-loop lag while tracking", quick)
     quiet_library_logs()
     with BenchServer(ServerOptions()) as server:
@@ -218,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report.add(Figure("idle_lag_p99_ms", "lag p99, idle loop", idle["p99_ms"], "ms"))
     for rate in rates:
         mini = data["minimal"][rate]
-        tag = f"{rate // 1000}k/s"
+        tag = f"{rate // 1000}k/s" if rate % 1000 == 0 else f"{rate:,}/s"
         for mode in DELIVERY_MODES:
             lib = data[mode][rate]
             label = f"{tag}, {mode}"

@@ -14,9 +14,10 @@ slow spell of the shared machine hits both alike. The rates shown are total even
 time; the ratio is the median of the four blocks' ratios (robust to one disturbed block).
 The client and the baseline's session live through all chunks of a configuration.
 
-A caller waits on delivery here (flush(), and send() once the queue is full, as in a
-100,000-event run), so adaptive concurrency lets the limit grow to max_concurrency while
-the loop is saturated; the notes show the library's limit after each chunk.
+A caller waits on delivery here: flush(), and send() once the queue is full (as in a
+100,000-event run, or with ``--max-queue-size`` below the chunk size). Adaptive concurrency
+then lets the limit grow to max_concurrency while the loop is saturated; the notes show
+the library's peak in flight in each chunk (sampled every 10 ms).
 
 The issue asks for 100,000 events per run; to stay well under a minute for all
 configurations the default is ``--events 8000`` per configuration and sender (a rate
@@ -26,6 +27,7 @@ issue's count (a few minutes).
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 from collections.abc import Sequence
@@ -60,12 +62,22 @@ async def _library_run(op: OpenPanel, count: int) -> dict[str, Any]:
     """send() ``count`` typical events as fast as possible, then flush; timings and counts."""
     name, props, pid = TYPICAL_NAME, TYPICAL_PROPERTIES, TYPICAL_PROFILE_ID
     before = op.stats()
+    peak = 0
+
+    async def sample() -> None:  # the most requests in flight, every 10 ms
+        nonlocal peak
+        while True:
+            peak = max(peak, op.stats().in_flight)
+            await asyncio.sleep(0.01)
+
+    sampler = asyncio.create_task(sample())
     start = time.perf_counter()
     send = op.send
     for _ in range(count):
         await send(Track(name=name, properties=props, profile_id=pid))
     flushed = await op.flush(120.0)
     elapsed = time.perf_counter() - start
+    sampler.cancel()
     after = op.stats()
     return {
         "elapsed": elapsed,
@@ -73,13 +85,17 @@ async def _library_run(op: OpenPanel, count: int) -> dict[str, Any]:
         "delivered": after.delivered - before.delivered,
         "failed": after.failed - before.failed,
         "dropped": after.dropped - before.dropped,
-        # The concurrency limit when the flush ended (max_concurrency, unless adapted).
-        "limit": after.concurrency,
+        "peak_in_flight": peak,
     }
 
 
 async def _configuration(
-    server: BenchServer, loop_name: str, concurrency: int, events: int, adaptive: bool
+    server: BenchServer,
+    loop_name: str,
+    concurrency: int,
+    events: int,
+    adaptive: bool,
+    max_queue_size: int | None,
 ) -> dict[str, Any]:
     """Both senders on one loop: warm-up, then ROUNDS ABBA blocks of ``events / 2 / ROUNDS``.
 
@@ -93,9 +109,12 @@ async def _configuration(
         for kind in ("minimal", "library")
     }
     block_rates: list[dict[str, float]] = []
-    limits: list[int] = []  # the library's, after each of its chunks
+    peaks: list[int] = []  # the library's peak in flight in each of its chunks
     lost = 0
-    op = make_client(server.url, max_concurrency=concurrency, adaptive_concurrency=adaptive)
+    options: dict[str, Any] = {"max_concurrency": concurrency, "adaptive_concurrency": adaptive}
+    if max_queue_size is not None:
+        options["max_queue_size"] = max_queue_size
+    op = make_client(server.url, **options)
     async with op, minimal_session(concurrency) as session:
         # Warm up the server, the loop and the connections before anything is timed: the
         # first thousand requests of a fresh process are measurably slower.
@@ -112,7 +131,7 @@ async def _configuration(
                 else:
                     run = await _library_run(op, chunk)
                     elapsed = run["elapsed"]
-                    limits.append(run["limit"])
+                    peaks.append(run["peak_in_flight"])
                     lost += chunk - run["delivered"] + run["failed"] + run["dropped"]
                 cpu = cpu_seconds() - cpu0
                 after = await server.astats()
@@ -134,7 +153,7 @@ async def _configuration(
         "lost": lost,
         "block_ratios": [round(r, 3) for r in ratios],
         "median_ratio": statistics.median(ratios),
-        "library_limits": limits,
+        "library_peaks_in_flight": peaks,
     }
     for kind, entry in totals.items():
         result[kind] = {
@@ -158,6 +177,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16, 64])
         parser.add_argument(
+            "--max-queue-size",
+            type=int,
+            default=None,
+            help="the client's max_queue_size (default: the library's, 10,000); below the "
+            "chunk size (events / 8), send() waits for room, as in a long bulk job",
+        )
+        parser.add_argument(
             "--fixed-concurrency",
             action="store_true",
             help="adaptive_concurrency=False: always max_concurrency in flight, like the baseline",
@@ -178,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 conc,
                 events,
                 not args.fixed_concurrency,
+                args.max_queue_size,
             )
             for loop_name in loop_names()
             for conc in args.concurrency
@@ -215,11 +242,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         report.note(
             f"{tag}: client CPU {lib['client_cpu_share']:.0%} (library) vs "
             f"{mini['client_cpu_share']:.0%} (minimal) of a core; server CPU "
-            f"{lib['server_cpu_share']:.0%} / {mini['server_cpu_share']:.0%}; library's limit "
-            f"after each chunk {conf['library_limits']}; block ratios {conf['block_ratios']}"
+            f"{lib['server_cpu_share']:.0%} / {mini['server_cpu_share']:.0%}; library's peak in "
+            f"flight per chunk {conf['library_peaks_in_flight']}; block ratios "
+            f"{conf['block_ratios']}"
         )
     report.note(
         f"adaptive_concurrency={not args.fixed_concurrency}; "
+        f"max_queue_size={args.max_queue_size or 'default'}; "
         f"{events:,} events per configuration and sender in {ROUNDS} ABBA blocks; ratio = "
         f"median of the blocks' ratios; the busiest server used {busiest_server:.0%} of a core."
     )
