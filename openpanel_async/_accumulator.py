@@ -12,6 +12,7 @@ moment: pending is derived, never stored.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -31,6 +32,9 @@ QUIET_DROPS = frozenset({DROP_DISABLED, DROP_FILTERED})
 
 # The send() waiter list is compacted when it reaches this size (or twice the live waiters).
 _ROOM_COMPACT_MIN = 64
+# A send() that found room this recently still counts as waiting for delivery (see
+# delivery_awaited): long enough for a producer on another thread to come back.
+SEND_WAIT_GRACE = 0.1
 
 
 class Item(msgspec.Struct, gc=False):
@@ -85,8 +89,10 @@ class Accumulator:
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._room_waiters: deque[asyncio.Future[None]] = deque()
         self._room_compact_at = _ROOM_COMPACT_MIN
-        # send() calls waiting for room, woken or not (on the sender's loop only).
+        # send() calls waiting for room, woken or not, and when the last wait ended
+        # (time.perf_counter()); on the sender's loop only.
         self.senders_waiting = 0
+        self.send_wait_ended = -math.inf
 
     # --- producers (any thread) ------------------------------------------------------
 
@@ -233,13 +239,17 @@ class Accumulator:
             self._room_compact_at = max(_ROOM_COMPACT_MIN, 2 * len(live))
         return future
 
-    def delivery_awaited(self) -> bool:
-        """Whether a caller waits for delivery now: a send() for room, or a flush().
+    def delivery_awaited(self, now: float) -> bool:
+        """Whether a caller waits for delivery at ``now`` (``time.perf_counter()``): a
+        send() for room, or a flush().
 
-        On the sender's loop (where both kinds of waits run). A flush() that timed out or
-        was cancelled leaves a done future behind until the next wake-up: it does not count.
+        On the sender's loop (where both kinds of waits run). A send() that found room
+        within the last SEND_WAIT_GRACE seconds counts: with delivery="thread" a producer
+        queues its next events on its own thread, and its next wait starts there. A flush()
+        that timed out or was cancelled leaves a done future behind until the next wake-up:
+        it does not count.
         """
-        if self.senders_waiting:
+        if self.senders_waiting or now - self.send_wait_ended < SEND_WAIT_GRACE:
             return True
         return any(not future.done() for _, future in self._flush_waiters)
 

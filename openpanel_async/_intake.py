@@ -10,6 +10,7 @@ or on the delivery thread, flushing, closing).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from types import MappingProxyType
@@ -182,6 +183,7 @@ class EventIntake:
                     raise
         finally:
             acc.senders_waiting -= 1
+            acc.send_wait_ended = time.perf_counter()
 
     def _prepare(self, event: Event, client_ip: str | None, user_agent: str | None) -> Item | None:
         """send()/send_nowait(): a ready-made event gets what the event methods add."""

@@ -49,10 +49,12 @@ loop is taken for the queue when both hold over the round:
 - its thread was on the CPU for at least ``LOOP_SATURATED`` of the round (a server that
   answers several requests at once also makes batches, but leaves the loop idle).
 
-A round with a timeout is always cut. The price is paid by everything else on the loop:
-while somebody waits, lag is not held down. Once the backlog is gone (a worker finds
-nothing to send) or a round queues with nobody waiting, the limit returns at once to
-where it was before.
+A round with a timeout is never lifted. The price is paid by everything else on the loop:
+while somebody waits, lag is not held down. Once nobody waits, the limit returns at once
+to where it was before: when a worker finds nothing to send, or a round queues. A 429
+burst ends the lift too, and halves the level from before it. (Where the thread's CPU
+clock is coarse, as on Windows with its 15.6 ms ticks, the share over a short round is
+rough, and the lift less steady.)
 
 Under steady load every round trip includes some queueing, so a floor taken from them would
 creep up and hide the queue. The first answer, and the first after every ``FLOOR_WINDOW``
@@ -94,7 +96,7 @@ LOOP_SATURATED = 0.3
 BATCHED = 2.0
 
 
-def _nobody_waits() -> bool:
+def _nobody_waits(now: float) -> bool:
     return False
 
 
@@ -133,15 +135,15 @@ class ConcurrencyLimit:
         maximum: int,
         *,
         adaptive: bool = True,
-        awaited: Callable[[], bool] = _nobody_waits,
+        awaited: Callable[[float], bool] = _nobody_waits,
         batches: Callable[[], int] | None = None,
         cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
-        """``awaited``: whether a caller now waits for delivery (a send() for room, a
-        flush()); asked only when a round would cut. ``batches``: a count of the loop
-        iterations in which answers were handled so far (None: every answer its own).
-        ``cpu_clock``: the CPU time of the thread the answers are handled on. Both are
-        read once per round.
+        """``awaited``: whether a caller waits for delivery (a send() for room, a flush())
+        at a time on the answers' clock; asked only when a round would cut. ``batches``:
+        a count of the loop iterations in which answers were handled so far (None: no
+        count, and the limit is never lifted). ``cpu_clock``: the CPU time of the thread
+        the answers are handled on. Both are read once per round.
         """
         self.maximum = maximum
         self._adaptive = adaptive
@@ -243,6 +245,9 @@ class ConcurrencyLimit:
     def rate_limited(self, now: float, paused_until: float) -> None:
         """A 429: halve the limit, once for the whole burst answered before the pause ends."""
         if now >= self._cut_blocked_until:
+            if self._cap_before_wait is not None:
+                # The server asks for less: halve what was sent before any lift.
+                self._drop_lift()
             # The limit outside a probe: a probe's PROBE_LIMIT is no level to halve.
             self._rate_cap = max(1, min(self._queue_cap, self._rate_cap) // 2)
             self._rate_answers = 0
@@ -250,14 +255,27 @@ class ConcurrencyLimit:
             self._clear_round()
             self._set_value()
 
+    @property
+    def lifted(self) -> bool:
+        """Whether waiting callers lifted the limit (see the module's docstring)."""
+        return self._cap_before_wait is not None
+
     def backlog_gone(self) -> None:
-        """A worker found nothing to send: if waiting callers lifted the limit, their wait
-        is over (the next burst must not start with ``max_concurrency`` in flight)."""
-        if self._cap_before_wait is not None:
-            self._queue_cap = min(self._queue_cap, self._cap_before_wait)
-            self._slow_start_until = self._queue_cap
-            self._cap_before_wait = None
+        """A worker found nothing to send: unless a caller still waits (a send() about to
+        refill the queue), the wait is over, and the next burst must not start with
+        ``max_concurrency`` in flight. Here a wait that has ended counts no more, however
+        recently (``awaited`` is asked at an infinite time): kept, the lift would outlast
+        the job. With delivery="thread" and a queue barely above the limit this can end a
+        lift between a producer's waits; the next rounds lift it again."""
+        if self._cap_before_wait is not None and not self._awaited(math.inf):
+            self._drop_lift()
             self._set_value()
+
+    def _drop_lift(self) -> None:
+        assert self._cap_before_wait is not None
+        self._queue_cap = min(self._queue_cap, self._cap_before_wait)
+        self._slow_start_until = self._queue_cap
+        self._cap_before_wait = None
 
     def _loop_saturated(
         self, answers: int, now: float, started: float, cpu: float, batches: int
@@ -328,7 +346,7 @@ class ConcurrencyLimit:
             and slowed
             and not timed_out
             and self._loop_saturated(answers, now, started, cpu, batches)
-            and self._awaited()
+            and self._awaited(now)
         ):
             # Callers wait for delivery itself, and the queue is our own loop: lag is no
             # reason to hold back (see the module's docstring). The limit grows.

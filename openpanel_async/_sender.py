@@ -320,7 +320,8 @@ class Sender:
 
     async def _wait_for_work(self) -> bool:
         """Sleep until woken (True) or idle for too long (False: the worker should exit)."""
-        self._limit.backlog_gone()
+        if self._limit.lifted:
+            self._limit.backlog_gone()
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._idle.append(waiter)
         self._arm_notify()

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import pytest
 
 from openpanel_async import ConfigError, OpenPanel, SendTimeoutError, Track
+from openpanel_async._accumulator import SEND_WAIT_GRACE
 from openpanel_async._limit import (
     BATCHED,
     FLOOR_WINDOW,
@@ -345,7 +346,7 @@ class Waited:
         self.feed = Feed(self.limit)
         self.feed.past_probe(0.001)
 
-    def _awaited(self) -> bool:
+    def _awaited(self, now: float) -> bool:
         self.asked += 1
         return self.awaited
 
@@ -370,15 +371,33 @@ def test_a_queue_in_a_saturated_loop_is_not_cut_while_callers_wait_for_delivery(
     assert waited.saturated_rounds(3) == [START, START // 2, START // 4]
 
 
-def test_the_limit_returns_when_the_backlog_is_gone() -> None:
+def test_the_limit_returns_when_the_backlog_is_gone_and_nobody_waits() -> None:
     waited = Waited(awaited=True, busy=1.0)
+    limit = waited.limit
     assert waited.saturated_rounds(2) == [128, 256]
-    waited.limit.backlog_gone()  # a worker found nothing to send: the wait is over
-    assert waited.limit.value == START
-    waited.limit.backlog_gone()
-    assert waited.limit.value == START
+    assert limit.lifted
+    # A worker found nothing to send, but a send() still waits (it refills the queue in
+    # the next loop iteration): the lift stays.
+    limit.backlog_gone()
+    assert limit.value == 256
+    waited.awaited = False
+    limit.backlog_gone()  # the wait is over
+    assert limit.value == START
+    assert not limit.lifted
+    limit.backlog_gone()
+    assert limit.value == START
     # A new wait lifts it again, from there.
+    waited.awaited = True
     assert waited.saturated_rounds(2) == [128, 256]
+
+
+def test_a_429_during_a_lift_halves_the_level_from_before_it() -> None:
+    waited = Waited(awaited=True, busy=1.0)
+    limit = waited.limit
+    assert waited.saturated_rounds(2) == [128, 256]
+    limit.rate_limited(now=waited.feed.now, paused_until=waited.feed.now)
+    assert limit.value == START // 2
+    assert not limit.lifted
 
 
 def test_answers_that_did_not_wait_for_the_loop_are_a_queue_at_the_server() -> None:
@@ -391,7 +410,7 @@ def test_answers_that_did_not_wait_for_the_loop_are_a_queue_at_the_server() -> N
 
 
 def test_without_a_batch_count_nothing_lifts_the_limit() -> None:
-    limit = ConcurrencyLimit(256, awaited=lambda: True, cpu_clock=time.perf_counter)
+    limit = ConcurrencyLimit(256, awaited=lambda now: True, cpu_clock=time.perf_counter)
     feed = Feed(limit)
     feed.past_probe(0.001)
     assert feed.rounds(2, lambda n: 0.001 * n) == [START // 2, START // 4]
@@ -495,14 +514,27 @@ async def _peak_while_delivering(
     server: LocalOpenPanel, op: OpenPanel, waiting: asyncio.Task[object]
 ) -> int:
     """The server's peak in flight from the 250th delivery on, while ``waiting`` waits."""
+    peak, _ = await _in_flight_while_delivering(server, op, waiting)
+    return peak
+
+
+async def _in_flight_while_delivering(
+    server: LocalOpenPanel, op: OpenPanel, waiting: asyncio.Task[object]
+) -> tuple[int, list[int]]:
+    """The server's peak in flight from the 250th delivery on while ``waiting`` waits,
+    and the client's limit every millisecond or so meanwhile."""
     async with asyncio.timeout(10):
         while op.stats().delivered < 250:
             await asyncio.sleep(0.005)
     assert not waiting.done()
     server.reset()
+    limits = []
     async with asyncio.timeout(10):
+        while not waiting.done():
+            limits.append(op.stats().concurrency)
+            await asyncio.sleep(0.001)
         await waiting
-    return server.peak_in_flight
+    return server.peak_in_flight, limits
 
 
 @pytest.mark.parametrize("delivery", ["loop", "thread"])
@@ -536,9 +568,14 @@ async def test_a_flush_through_an_idle_loop_keeps_few_requests_at_a_saturated_se
         assert peak <= 4 * QUEUE_HIGH  # as in the test above
 
 
-async def test_send_waiting_for_room_through_a_saturated_loop_gets_max_concurrency() -> None:
+@pytest.mark.parametrize("delivery", ["loop", "thread"])
+async def test_send_waiting_for_room_through_a_saturated_loop_gets_max_concurrency(
+    delivery: str,
+) -> None:
+    # With delivery="thread" each wait ends on the delivery thread and the producer's next
+    # events are queued from its own: the rounds in between must still see it waiting.
     async with LocalOpenPanel(response_delay=0.001, capacity=1) as server:
-        op = _client(server.url, max_concurrency=64, max_queue_size=100)
+        op = _client(server.url, max_concurrency=64, max_queue_size=100, delivery=delivery)
         async with op:
             await op.start()
             _loop_reads_as(op, busy=True)
@@ -548,10 +585,11 @@ async def test_send_waiting_for_room_through_a_saturated_loop_gets_max_concurren
                     await op.send(Track(name="queued", properties={"n": n}))
 
             producing = asyncio.create_task(produce())
-            peak = await _peak_while_delivering(server, op, producing)
+            peak, limits = await _in_flight_while_delivering(server, op, producing)
             assert await op.flush(timeout=10)
         assert op.stats().delivered == 400
         assert peak == 64
+        assert set(limits) == {64}  # never cut meanwhile
 
 
 async def test_a_bulk_send_through_this_saturated_loop_lifts_the_limit() -> None:
@@ -588,36 +626,48 @@ async def test_a_bulk_send_through_this_saturated_loop_lifts_the_limit() -> None
         assert after < 64
 
 
-async def test_only_live_waits_count_as_callers_waiting_for_delivery() -> None:
+async def test_which_waits_count_as_callers_waiting_for_delivery() -> None:
     async with LocalOpenPanel() as server:
         server.script(Reply(delay=0.5))  # long enough for the checks below
         op = _client(server.url, max_queue_size=1)
         async with op:
             acc = op._acc
-            assert not acc.delivery_awaited()
+
+            def waiting() -> bool:
+                return acc.delivery_awaited(time.perf_counter())
+
+            assert not waiting()
             assert op.track("held")  # the server holds it: the queue is full
             async with asyncio.timeout(5):
                 while server.in_flight < 1:
                     await asyncio.sleep(0.001)
-            assert not acc.delivery_awaited()
+            assert not waiting()
             sending = asyncio.create_task(op.send(Track(name="waits")))
             flushing = asyncio.create_task(op.flush())
             await asyncio.sleep(0.01)
-            assert acc.delivery_awaited()
+            assert waiting()
             flushing.cancel()
             await asyncio.sleep(0)
-            assert acc.delivery_awaited()  # the send() still waits
+            assert waiting()  # the send() still waits
+            assert acc.senders_waiting == 1
             # Woken for a slot but not yet run (the other answers of the loop iteration
             # that freed it are still being handled): it still waits.
             acc.wake_one_room_waiter()
-            assert acc.delivery_awaited()
+            assert waiting()
             sending.cancel()
             await asyncio.sleep(0)
-            assert not acc.delivery_awaited()
-            # A send() whose wait timed out leaves its future behind: it counts no more.
+            assert acc.senders_waiting == 0
+            # A send() that just stopped waiting counts for SEND_WAIT_GRACE more (with
+            # delivery="thread" a producer's next wait starts on its own thread), then not.
+            ended = acc.send_wait_ended
+            assert acc.delivery_awaited(ended + SEND_WAIT_GRACE / 2)
+            assert not acc.delivery_awaited(ended + SEND_WAIT_GRACE)
+            # A send() whose wait timed out: counted while it waited, not after.
             with pytest.raises(SendTimeoutError):
                 await op.send(Track(name="gives_up"), timeout=0.01)
-            assert not acc.delivery_awaited()
+            assert acc.senders_waiting == 0
+            assert acc.send_wait_ended > ended
+            assert not acc.delivery_awaited(acc.send_wait_ended + SEND_WAIT_GRACE)
 
 
 async def test_without_adaptation_a_saturated_server_gets_max_concurrency() -> None:
