@@ -28,6 +28,7 @@ issue's count (a few minutes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 from collections.abc import Sequence
@@ -78,6 +79,8 @@ async def _library_run(op: OpenPanel, count: int) -> dict[str, Any]:
     flushed = await op.flush(120.0)
     elapsed = time.perf_counter() - start
     sampler.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sampler
     after = op.stats()
     return {
         "elapsed": elapsed,

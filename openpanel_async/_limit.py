@@ -86,10 +86,10 @@ FLOOR_WINDOW = 10.0
 # A round is at least this many answers (and at least the limit): fewer are too noisy.
 MIN_ROUND = 8
 # The share of a round's wall time the sender's thread spent on the CPU from which the
-# queue is taken for the client's own event loop. Low, because CPU time misses the time a
-# busy thread waits for a core (half of it, on a crowded VM); a client waiting on a
-# saturated server spends far less (about 150 µs per answer with aiohttp: 10% at
-# 700 answers/s).
+# queue is taken for the client's own event loop (with BATCHED, below). It tells a loop
+# too busy to take answers as they come from one that idles between the bursts of a
+# server answering many at once. Low, because CPU time misses the time a busy thread
+# waits for a core (half of it, on a crowded VM).
 LOOP_SATURATED = 0.3
 # Answers handled per loop iteration, on average over a round, from which answers are
 # taken to have waited for the loop.
@@ -357,8 +357,8 @@ class ConcurrencyLimit:
         if queued > QUEUE_HIGH and slowed:
             cap = min(cap, max(target, cap // 2))
             if self._cap_before_wait is not None:
-                # Nobody waits any more: straight back, not by halves over many rounds
-                # of long loop iterations.
+                # The lift is over (nobody waits, the loop is no longer the queue, or a
+                # request timed out): straight back, not by halves over many rounds.
                 cap = min(cap, self._cap_before_wait)
                 self._cap_before_wait = None
             self._slow_start_until = cap
