@@ -490,9 +490,10 @@ async def test_a_saturated_server_gets_few_requests_at_once(
         # QUEUE_LOW above that before each cut, so the bound leaves room: half of 64.
         # A probe in a slow spell of the machine measures a higher floor, and the limit
         # then takes more for served (25 and 37 seen, each once in a dozen full runs):
-        # the bound follows the floor.
+        # the bound follows the floor, up to three quarters of 64 (a broken probe that
+        # measured with 64 in flight must still fail here).
         served = math.ceil(floor / 0.001)
-        bound = max(4 * QUEUE_HIGH, served + QUEUE_HIGH + 2 * QUEUE_LOW)
+        bound = min(48, max(4 * QUEUE_HIGH, served + QUEUE_HIGH + 2 * QUEUE_LOW))
         assert stats.concurrency <= bound, f"floor {floor * 1000:.1f} ms"
         assert server.peak_in_flight <= bound, f"floor {floor * 1000:.1f} ms"
 
@@ -652,7 +653,8 @@ async def test_which_waits_count_as_callers_waiting_for_delivery() -> None:
             ended = acc.send_wait_ended
             assert acc.delivery_awaited(ended + SEND_WAIT_GRACE / 2)
             assert not acc.delivery_awaited(ended + SEND_WAIT_GRACE)
-            # A send() whose wait timed out: counted while it waited, not after.
+            # A send() whose wait timed out: counted while it waited and for the grace
+            # after, then not.
             with pytest.raises(SendTimeoutError):
                 await op.send(Track(name="gives_up"), timeout=0.01)
             assert acc.senders_waiting == 0
