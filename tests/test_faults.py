@@ -918,7 +918,9 @@ async def test_outage_memory_is_bounded_by_the_queue_and_delivery_resumes(
 
 
 async def test_retries_back_off_to_their_cap(server: LocalOpenPanel) -> None:
-    events, attempts = 8, 16
+    # 16 events: 160 capped waits, so that their median is within about 5 ms of where it
+    # should be (with 8, it missed the bounds below about once in fifty runs).
+    events, attempts = 16, 16
     cap, initial = 0.1, 0.005  # the ceiling doubles: 0.005, 0.01, ..., 0.08, then 0.1
     retry = RetryPolicy(
         max_attempts=attempts, wait_initial=initial, wait_max=cap, wait_jitter=0, max_elapsed=10
@@ -951,9 +953,9 @@ async def test_retries_back_off_to_their_cap(server: LocalOpenPanel) -> None:
     p95 = capped[int(0.95 * len(capped))]
     report = f"early {early:.4f}; capped: median {median:.4f}, p95 {p95:.4f}, max {capped[-1]:.4f}"
     # It grows: the capped waits are longer than the first ones by about cap / 2...
-    assert median - early > 0.3 * cap, report
+    assert median - early > 0.25 * cap, report
     # ...and spread over [0, cap] (uniform: median cap / 2), reaching the cap, not beyond.
-    assert 0.4 * cap < median < 0.8 * cap, report
+    assert 0.35 * cap < median < 0.8 * cap, report
     assert capped[-1] > 0.8 * cap, report
     # Not beyond: the next doubling would be 2 x cap; allow for a loaded machine's latency.
     assert p95 < 1.5 * cap, report
