@@ -320,8 +320,7 @@ class Sender:
 
     async def _wait_for_work(self) -> bool:
         """Sleep until woken (True) or idle for too long (False: the worker should exit)."""
-        if self._limit.lifted:
-            self._limit.backlog_gone()
+        self._limit.backlog_gone()
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._idle.append(waiter)
         self._arm_notify()

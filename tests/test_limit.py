@@ -559,6 +559,20 @@ async def test_a_flush_lifts_the_limit_only_through_a_saturated_loop(
             assert peak <= 4 * QUEUE_HIGH
 
 
+async def test_the_drain_of_aclose_through_a_saturated_loop_gets_max_concurrency() -> None:
+    # aclose() waits for the events to go out as flush() does (through a flush waiter).
+    async with LocalOpenPanel(response_delay=0.001, capacity=1) as server:
+        op = _client(server.url, max_concurrency=64, shutdown_timeout=10.0)
+        await op.start()
+        _loop_reads_as(op, busy=True)
+        for n in range(400):
+            assert op.track("queued", {"n": n})
+        closing = asyncio.create_task(op.aclose())
+        peak = await _peak_while_delivering(server, op, closing)
+        assert op.stats().delivered == 400
+        assert peak == 64
+
+
 @pytest.mark.parametrize("delivery", ["loop", "thread"])
 async def test_send_waiting_for_room_through_a_saturated_loop_gets_max_concurrency(
     delivery: str,
