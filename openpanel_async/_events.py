@@ -317,11 +317,18 @@ def format_timestamp(moment: datetime, field: str = "timestamp") -> str:
     return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
 
 
+def stamped_properties(properties: dict[str, Any] | UnsetType) -> dict[str, Any]:
+    """A track event's properties with ``__timestamp`` set to now, unless they carry one."""
+    if properties is UNSET:
+        return {"__timestamp": now_timestamp()}
+    if "__timestamp" in properties:
+        return properties
+    return {**properties, "__timestamp": now_timestamp()}
+
+
 def stamp_track(event: Track) -> Track:
     """``event`` with ``properties.__timestamp`` set to now, unless it carries one already."""
     properties = event.properties
     if properties is not UNSET and "__timestamp" in properties:
         return event
-    stamped = {} if properties is UNSET else dict(properties)
-    stamped["__timestamp"] = now_timestamp()
-    return msgspec.structs.replace(event, properties=stamped)
+    return msgspec.structs.replace(event, properties=stamped_properties(properties))

@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import msgspec
+from msgspec import UnsetType
 
 from . import _config, _validation
 from ._accumulator import (
@@ -47,6 +48,7 @@ from ._events import (
     format_timestamp,
     now_timestamp,
     stamp_track,
+    stamped_properties,
 )
 from ._log import logger
 from ._sender import Sender
@@ -194,6 +196,18 @@ class EventIntake:
                 f"not {event_class.__name__}"
             )
         glob = self._global_properties
+        if type(event) is Track and self._plain and not glob and event.groups is UNSET:
+            # A ready-made Track passed its checks when it was built: it only needs its
+            # timestamp, and takes track()'s fast path, without a stamped copy of the
+            # struct (and a second run of its checks).
+            client_ip, user_agent = _with_context(client_ip, user_agent)
+            return self._plain_track_item(
+                event.name,
+                stamped_properties(event.properties),
+                event.profile_id,
+                client_ip,
+                user_agent,
+            )
         if glob and (event_class is Track or event_class is Identify):
             own = event.properties  # type: ignore[union-attr]
             merged = dict(glob) if own is UNSET else {**glob, **own}
@@ -339,7 +353,8 @@ class EventIntake:
             # The hottest path: the event is known valid (its name passed the full checks
             # before, and nothing else needs one), so its payload is encoded straight from
             # its parts, skipping the Track struct and its checks; the bytes are the same
-            # as encode_event(Track(...)) would give.
+            # as encode_event(Track(...)) would give. This is _plain_track_item() inlined:
+            # one call less is 1-3% of a track() call, measured A/B in one process.
             try:
                 payload = encode_payload(
                     TrackWire(name, props, UNSET if profile_id is None else profile_id)
@@ -368,6 +383,32 @@ class EventIntake:
         if self._sender is None:
             self._start_if_on_a_loop()
         return self._acc.put(item)
+
+    def _plain_track_item(
+        self,
+        name: str,
+        properties: dict[str, Any],
+        profile_id: ProfileId | UnsetType,
+        client_ip: str | None,
+        user_agent: str | None,
+    ) -> Item:
+        """A track event known to be valid, encoded straight from its parts.
+
+        The bytes are the same as ``encode_event(Track(...))`` would give; no before_send
+        hook, no groups, and the client is not disabled.
+        """
+        try:
+            payload = encode_payload(TrackWire(name, properties, profile_id))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise encoding_error("track", exc) from None
+        body = TRACK_PREFIX + payload + b"}"
+        if len(body) > self._max_event_bytes:
+            self._refuse_size("track", body)
+        if client_ip is not None:
+            check_header_value(client_ip, "client_ip")
+        if user_agent is not None:
+            check_header_value(user_agent, "user_agent")
+        return Item(body, "track", None, client_ip, user_agent)
 
     def _track_properties(
         self, properties: dict[str, Any] | None, timestamp: datetime | None

@@ -269,6 +269,71 @@ async def test_track_sends_the_same_bytes_on_its_fast_and_full_paths(
     }
 
 
+async def test_send_of_a_ready_made_track_sends_what_its_struct_encodes_to(
+    server: LocalOpenPanel,
+) -> None:
+    # send() and send_nowait() take a plain Track (no groups, no hook, no global
+    # properties) the way of track()'s fast path, without a stamped copy of the struct;
+    # the rest through the struct. Both must send encode_event() of the stamped event.
+    cases: list[tuple[Track, dict[str, Any]]] = [
+        (Track(name="page_view", properties={"path": "/p", "l": [1, "a"]}, profile_id="u1"), {}),
+        (Track(name="page_view"), {}),
+        (Track(name="page_view", properties={}, profile_id=42), {}),
+        (Track(name="page_view", profile_id=1.5), {}),
+        (Track(name="café ☕", properties={"ünï": "cødé 😀"}), {}),
+        (Track(name="page_view", properties=_Props(a=1, b="two")), {}),
+        (Track(name="page_view", properties={"a": 1}, groups=["g1", "g2"]), {}),
+        (Track(name="page_view", properties={"a": 1}, groups=None), {}),
+        (Track(name="page_view"), {"client_ip": "203.0.113.9", "user_agent": "ua/1"}),
+        (Track(name="page_view", properties={"a": 1, "__timestamp": "2025-05-05T05:05:05.005Z"}), {}),
+    ]  # fmt: skip
+    own = [dict(event.properties) if event.properties is not UNSET else None for event, _ in cases]
+    async with make_client(server) as op:
+        for i, (event, extra) in enumerate(cases):
+            if i % 2:
+                await op.send(event, **extra)
+            else:
+                assert op.send_nowait(event, **extra)
+        with openpanel_async.event_context(client_ip="198.51.100.7", user_agent="ctx/1"):
+            await op.send(Track(name="in_context"))
+        assert await op.flush(timeout=5)
+    assert len(server.requests) == len(cases) + 1
+    for (event, extra), request in zip(cases, server.requests[:-1], strict=True):
+        stamp = request.properties["__timestamp"]
+        assert TIMESTAMP_RE.fullmatch(stamp)
+        props = {} if event.properties is UNSET else dict(event.properties)
+        props.setdefault("__timestamp", stamp)
+        assert request.body == encode_event(msgspec.structs.replace(event, properties=props))
+        assert request.headers.get("x-client-ip") == extra.get("client_ip")
+    assert server.requests[-2].properties["__timestamp"] == "2025-05-05T05:05:05.005Z"
+    assert server.requests[7].payload["groups"] is None
+    assert server.requests[-1].headers["x-client-ip"] == "198.51.100.7"
+    assert server.requests[-1].headers["user-agent"] == "ctx/1"
+    # The events' own properties are left as they were.
+    assert [dict(e.properties) if e.properties is not UNSET else None for e, _ in cases] == own
+
+
+async def test_send_of_a_bad_ready_made_track_is_refused_and_nothing_else_is_lost(
+    server: LocalOpenPanel,
+) -> None:
+    async with make_client(server, max_event_bytes=300) as op:
+        await op.send(Track(name="before"))
+        with pytest.raises(InvalidEventError, match="more than max_event_bytes=300"):
+            await op.send(Track(name="big", properties={"s": "x" * 400}))
+        with pytest.raises(InvalidEventError, match=r"track.properties: cannot be encoded"):
+            op.send_nowait(Track(name="odd", properties={"x": object()}))
+        with pytest.raises(InvalidEventError, match="client_ip:"):
+            await op.send(Track(name="header"), client_ip="1.2.3.4\nx")
+        with pytest.raises(InvalidEventError, match="user_agent:"):
+            op.send_nowait(Track(name="header"), user_agent="ua\r\nx: y")
+        await op.send(Track(name="after"))
+        assert await op.flush(timeout=5)
+        stats = op.stats()
+    assert [r.payload["name"] for r in server.requests if r.payload] == ["before", "after"]
+    assert stats.accepted == stats.delivered == 2
+    assert stats.dropped == 0
+
+
 async def test_track_with_global_properties_sends_what_the_struct_path_sends(
     server: LocalOpenPanel,
 ) -> None:
