@@ -17,6 +17,7 @@ from ._accumulator import (
 from ._events import (
     Event,
 )
+from ._http11 import parse_url
 from ._intake import EventIntake
 from ._log import logger
 from ._retry import RetryPolicy
@@ -125,6 +126,12 @@ class OpenPanel(EventIntake):
         self._plain = before_send is None and not self._disabled
         if http_client not in HTTP_CLIENTS:
             raise ConfigError(f"http_client: must be one of {', '.join(HTTP_CLIENTS)}")
+        if http_client == "builtin" and transport is None:
+            try:
+                parse_url(self._url)
+            except ValueError as exc:
+                # Found now, not as a "network error" retried on every event.
+                raise ConfigError(f"api_url: {exc} (http_client='builtin')") from None
         if delivery not in DELIVERY_MODES:
             raise ConfigError(f"delivery: must be one of {', '.join(DELIVERY_MODES)}")
         # Where the sender runs with delivery="thread"; None: on the caller's loop.

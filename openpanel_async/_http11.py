@@ -11,7 +11,8 @@ HTTP/1.1 needs for that one job, in about a third of that CPU time:
   ``Content-Length`` and joins the body.
 * Responses are parsed incrementally by an ``asyncio.Protocol`` (in ``_http11_connection``;
   no streams, no per-request tasks): the status line, the headers (a plain dict with
-  lower-case names, repeated fields joined with ", "), then the body by
+  lower-case names, repeated fields joined with ", ", except the single-valued ones the
+  client reads, such as ``Retry-After``, of which the first is kept), then the body by
   ``Content-Length``, ``Transfer-Encoding: chunked`` (extensions and trailers are read and
   ignored) or until EOF. 1xx interim responses are skipped. At most
   ``MAX_RESPONSE_BYTES`` of a body is kept; a longer body is drained when it is short
@@ -33,7 +34,8 @@ Limits, on purpose: one origin per transport (the client posts to one URL), HTTP
 returned as is: the secret must not travel to another host), no content codings (we send
 no ``Accept-Encoding``; a ``Transfer-Encoding`` other than ``chunked`` is an error), no
 ``Expect: 100-continue`` handshake (the body is sent at once; a 100 is merely skipped), no
-pipelining, and no cookies. Hostnames are resolved by the event loop at each connect.
+pipelining, and no cookies. Hostnames are resolved by the event loop at each connect, and
+a host's addresses are tried as in Happy Eyeballs (``_happy_eyeballs``).
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ import ssl
 from collections import deque
 from collections.abc import Mapping
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
+from ._happy_eyeballs import connect_first
 from ._http11_connection import (
     _TOKEN,
     Connection,
@@ -69,9 +72,46 @@ _IDLE_EXPIRY: Final = 15.0
 # Cached request heads (per headers mapping), and request targets (per URL).
 _CACHE_SIZE: Final = 32
 
+# What a request target may carry as it is (RFC 3986 pchar, "/" and "?", and "%").
+_TARGET_SAFE: Final = "/?%!$&'()*+,;=:@-._~"
 _FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\x00]")
 # The transport writes these itself; a caller's copy would contradict the framing.
 _RESERVED_HEADERS: Final = frozenset({"host", "content-length", "transfer-encoding"})
+
+
+def parse_url(url: str) -> tuple[tuple[str, str, int], bytes]:
+    """``url``'s origin (scheme, host, port) and its request target, percent-encoded.
+
+    Raises ValueError for what this transport cannot send to. A host name must be ASCII:
+    the standard library only knows IDNA 2003, which maps some names (``straße``) to
+    another domain than browsers, aiohttp and the DNS do, and the secret would go there.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid URL {url!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"only http and https URLs are supported, got {url!r}")
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"the URL has no host: {url!r}")
+    if not host.isascii():
+        raise ValueError(
+            f"the host name {host!r} must be ASCII: give its IDNA form (xn--...) instead"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("credentials in the URL are not supported")
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    # Spaces, controls and non-ASCII characters are percent-encoded (UTF-8), as aiohttp
+    # does; "%" is left alone, so a path that is already encoded stays as it is.
+    target = quote(target, safe=_TARGET_SAFE)
+    return (scheme, host, port), target.encode("ascii")
 
 
 class Http11Transport:
@@ -200,36 +240,13 @@ class Http11Transport:
 
     def _target(self, url: str) -> bytes:
         """Validates ``url`` (scheme, one origin, no injection) and returns its target."""
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as exc:
-            raise ValueError(f"invalid URL {url!r}: {exc}") from None
-        scheme = parts.scheme.lower()
-        if scheme not in ("http", "https"):
-            raise ValueError(f"only http and https URLs are supported, got {url!r}")
-        host = parts.hostname
-        if not host:
-            raise ValueError(f"the URL has no host: {url!r}")
-        if parts.username is not None or parts.password is not None:
-            raise ValueError("credentials in the URL are not supported")
-        if port is None:
-            port = 443 if scheme == "https" else 80
-        origin = (scheme, host, port)
+        origin, encoded = parse_url(url)
         if self._origin is None:
             self._set_origin(origin)
         elif origin != self._origin:
             raise ValueError(
                 f"Http11Transport serves one origin, {self._describe_origin()}; got {url!r}"
             )
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
-        if not target.isascii() or any(c <= " " or c == "\x7f" for c in target):
-            # Spaces, controls or CR/LF in the target would break (or inject into) the
-            # request line; callers must percent-encode.
-            raise ValueError(f"the URL path must be percent-encoded ASCII: {url!r}")
-        encoded = target.encode("ascii")
         if len(self._targets) >= _CACHE_SIZE:
             self._targets.clear()
         self._targets[url] = encoded
@@ -237,11 +254,7 @@ class Http11Transport:
 
     def _set_origin(self, origin: tuple[str, str, int]) -> None:
         scheme, host, port = origin
-        # IDNA for the Host header; the loop's resolver does its own for the connect.
-        try:
-            ascii_host = host.encode("idna").decode("ascii")
-        except UnicodeError as exc:
-            raise ValueError(f"invalid host name {host!r}: {exc}") from None
+        ascii_host = host  # parse_url() refuses non-ASCII host names
         if ":" in ascii_host:
             ascii_host = f"[{ascii_host}]"  # an IPv6 literal
         default_port = 443 if scheme == "https" else 80
@@ -277,9 +290,9 @@ class Http11Transport:
             while idle:
                 conn = idle.pop()
                 conn.in_pool = False
-                if now - conn.idle_since < conn.idle_limit:
+                if now - conn.idle_since < conn.idle_limit and conn.usable:
                     return conn
-                conn.close()  # expired; those below it are older still
+                conn.close()  # expired (or closing): try the next, older one
                 self._free_slot()
             if self._count < self._max:
                 self._count += 1
@@ -306,9 +319,11 @@ class Http11Transport:
                 raise RuntimeError("Http11Transport was closed")
             if handed is None:
                 return await self._connect()  # a slot was handed over
-            if not handed.closed:
+            if handed.usable:
                 return handed
-            self._free_slot()  # it died on the way; try again
+            # It is closing (the server closed it after its last answer, without saying
+            # so): nothing was sent on it, so try again rather than fail the request.
+            self._discard(handed, abort=True)
 
     async def _connect(self) -> Connection:
         """Opens a connection in a slot the caller has taken; frees the slot on failure."""
@@ -316,12 +331,17 @@ class Http11Transport:
         assert loop is not None
         conn = Connection(self, loop, self._idle_expiry)
         try:
-            if self._ssl is not None:
-                await loop.create_connection(
-                    lambda: conn, self._host, self._port, ssl=self._ssl, server_hostname=self._host
-                )
-            else:
-                await loop.create_connection(lambda: conn, self._host, self._port)
+            sock = await connect_first(loop, self._host, self._port)
+            try:
+                if self._ssl is not None:
+                    await loop.create_connection(
+                        lambda: conn, sock=sock, ssl=self._ssl, server_hostname=self._host
+                    )
+                else:
+                    await loop.create_connection(lambda: conn, sock=sock)
+            except BaseException:
+                sock.close()  # no transport owns it (or the one that does closed it)
+                raise
         except BaseException:
             self._free_slot()
             raise
@@ -339,7 +359,7 @@ class Http11Transport:
             # wait for a peer that may never read it.
             self._discard(conn, abort=True)
             return
-        if not conn.reusable or conn.closed or self._closed:
+        if not conn.reusable or not conn.usable or self._closed:
             self._discard(conn, abort=False)
             return
         loop = self._loop

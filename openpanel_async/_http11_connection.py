@@ -51,6 +51,18 @@ _CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _KEEP_ALIVE_TIMEOUT = re.compile(r"(?:^|[,;\s])timeout\s*=\s*([0-9]{1,9})", re.IGNORECASE)
 _OWS: Final = " \t"
+# Fields that hold one value, which the client reads: repeated (the origin's and a
+# proxy's, say), the first is kept, as aiohttp's ``headers.get()`` gives it. Joined, they
+# would not parse: an HTTP-date Retry-After itself contains ", ".
+_FIRST_WINS: Final = frozenset(
+    {
+        "content-type",
+        "retry-after",
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+    }
+)
 # Header names seen in responses (valid tokens only) -> their lower case; bounded.
 _NAMES: dict[str, str] = {}
 _MAX_NAMES: Final = 256
@@ -182,12 +194,20 @@ class Connection(asyncio.Protocol):
 
     # --- requests -------------------------------------------------------------------------------
 
+    @property
+    def usable(self) -> bool:
+        """Open and not closing: the server's FIN (or our abort) makes a transport closing
+        one callback before ``connection_lost`` marks the connection closed."""
+        transport = self.transport
+        return not self.closed and transport is not None and not transport.is_closing()
+
     def send(self, data: bytes) -> asyncio.Future[TransportResponse]:
         """Writes a request; the future gets the response (or the error)."""
-        transport = self.transport
         self.got_bytes = False
-        if self.closed or transport is None or transport.is_closing():
+        if not self.usable:
             raise ConnectionClosedError("the connection was closed before the request")
+        transport = self.transport
+        assert transport is not None
         self.requests += 1
         self.reusable = False
         self._state = _HEAD
@@ -246,7 +266,9 @@ class Connection(asyncio.Protocol):
                 # The head ends at the first empty line: "\n\r\n" (CRLF lines) or "\n\n"
                 # (bare LF lines, which RFC 9112 2.2 lets a recipient accept).
                 end = buf.find(b"\n\r\n", start)
-                bare = buf.find(b"\n\n", start, len(buf) if end < 0 else end)
+                # Up to end + 1: a bare-LF head whose body starts with CRLF ("\n\n\r\n")
+                # has its "\n\n" just before that "\n\r\n", overlapping it.
+                bare = buf.find(b"\n\n", start, len(buf) if end < 0 else end + 1)
                 if bare >= 0:
                     end, pos = bare, bare + 2
                 elif end >= 0:
@@ -304,6 +326,8 @@ class Connection(asyncio.Protocol):
                     _NAMES[name] = lower
             value = value.strip(" \t")
             if lower in headers:
+                if lower in _FIRST_WINS:
+                    continue
                 headers[lower] = f"{headers[lower]}, {value}"
             else:
                 headers[lower] = value
@@ -340,9 +364,10 @@ class Connection(asyncio.Protocol):
                 raise MalformedResponseError(
                     f"unsupported Transfer-Encoding: {transfer_encoding[:100]!r}"
                 )
-            if content_length is not None:
-                # Both framings at once is a smuggling pattern: trust chunked, but do not
-                # let the connection carry anything else (RFC 9112 6.3).
+            if content_length is not None or match.group(1) == "0":
+                # Both framings at once is a smuggling pattern, and so is chunked framing
+                # from an HTTP/1.0 server: trust chunked, but do not let the connection
+                # carry anything else (RFC 9112 6.1 and 6.3).
                 keep_alive = False
             self._state = _CHUNK_SIZE
             self._drain = MAX_RESPONSE_BYTES + _MAX_DRAIN

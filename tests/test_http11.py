@@ -22,6 +22,8 @@ from typing import Any
 import msgspec
 import pytest
 
+from openpanel_async import ConfigError, OpenPanel
+from openpanel_async._happy_eyeballs import DELAY, connect_first
 from openpanel_async._http11 import Http11Transport
 from openpanel_async._http11_connection import (
     Connection,
@@ -397,18 +399,42 @@ async def test_header_injection_is_refused(headers: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "url",
+    ("path", "target"),
     [
-        "http://127.0.0.1:{port}/tr ack",
-        "http://127.0.0.1:{port}/track\r\nX-Injected: 1",
-        "http://127.0.0.1:{port}/caf\u00e9",
+        ("/tr ack", b"/tr%20ack"),
+        # urlsplit() drops CR, LF and tab (the standard library's own guard).
+        ("/track\r\nX-Injected: 1", b"/trackX-Injected:%201"),
+        ("/caf\u00e9/ü", b"/caf%C3%A9/%C3%BC"),
+        ("/already%20encoded", b"/already%20encoded"),  # left as it is, as aiohttp does
     ],
 )
-async def test_a_target_that_could_break_the_request_line_is_refused(url: str) -> None:
+async def test_a_target_is_percent_encoded_so_it_cannot_break_the_request_line(
+    path: str, target: bytes
+) -> None:
     async with raw_server(answer(OK)) as srv, open_transport() as transport:
-        with pytest.raises(ValueError, match="URL"):
-            await transport.post(url.format(port=srv.port), BODY, HEADERS)
-    assert srv.accepted == 0
+        response = await transport.post(f"http://127.0.0.1:{srv.port}{path}", BODY, HEADERS)
+    assert response.status == 200
+    assert srv.requests[0].split(b"\r\n", 1)[0] == b"POST " + target + b" HTTP/1.1"
+    assert b"X-Injected" not in srv.requests[0].split(b"\r\n", 1)[1]
+
+
+async def test_a_host_name_that_is_not_ascii_is_refused() -> None:
+    # The standard library's IDNA 2003 maps "straße" to "strasse", another domain than
+    # browsers and aiohttp reach ("xn--strae-oqa"): the secret would go there.
+    async with open_transport() as transport:
+        with pytest.raises(ValueError, match=r"'api.straße.example' must be ASCII"):
+            await transport.post("http://api.straße.example/track", BODY, HEADERS)
+    with pytest.raises(ConfigError, match=r"api_url: .* must be ASCII.*http_client='builtin'"):
+        OpenPanel(
+            client_id=CLIENT_ID,
+            client_secret=CLIENT_SECRET,
+            api_url="https://api.straße.example",
+            http_client="builtin",
+        )
+    # aiohttp encodes such a name correctly (IDNA 2008): it is not refused there.
+    OpenPanel(
+        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, api_url="https://api.straße.example"
+    )
 
 
 async def test_one_origin_and_http_schemes_only() -> None:
@@ -524,6 +550,12 @@ async def test_interim_responses_are_skipped(interim: bytes) -> None:
         ),
         # More than asked for: the stream is out of step.
         (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n", False),
+        # Chunked framing from an HTTP/1.0 server is faulty framing (RFC 9112 6.1).
+        (
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nok\r\n0\r\n\r\n",
+            False,
+        ),
     ],
 )
 async def test_when_a_connection_is_reused(response: bytes, reused: bool) -> None:
@@ -555,6 +587,12 @@ async def test_repeated_folded_and_odd_headers() -> None:
         b"X-Folded: first\r\n   second\r\n"
         b"X-Empty:\r\n"
         b"X-Latin: caf\xe9\r\n"
+        # Single-valued fields the client reads, repeated (an origin's and a proxy's): the
+        # first is kept, as aiohttp's headers.get() gives it; joined, they would not parse.
+        b"Retry-After: Wed, 21 Oct 2015 07:28:00 GMT\r\n"
+        b"Retry-After: 30\r\n"
+        b"X-RateLimit-Reset: 30\r\n"
+        b"x-ratelimit-reset: 60\r\n"
         b"Content-Length: 0\r\n\r\n"
     )
     async with raw_server(answer(response)) as srv, open_transport() as transport:
@@ -565,15 +603,19 @@ async def test_repeated_folded_and_odd_headers() -> None:
         "x-folded": "first second",
         "x-empty": "",
         "x-latin": "caf\u00e9",
+        "retry-after": "Wed, 21 Oct 2015 07:28:00 GMT",
+        "x-ratelimit-reset": "30",
         "content-length": "0",
     }
 
 
-async def test_bare_lf_line_ends_are_accepted() -> None:
-    response = b"HTTP/1.1 200 OK\nContent-Length: 2\nX-A: b\n\nok"
+@pytest.mark.parametrize("body", [b"ok", b"\r\nok", b"\nok"])
+async def test_bare_lf_line_ends_are_accepted(body: bytes) -> None:
+    # Also when the body itself starts with a line end: the head still ends at "\n\n".
+    response = b"HTTP/1.1 200 OK\nContent-Length: %d\nX-A: b\n\n%s" % (len(body), body)
     async with raw_server(answer(response)) as srv, open_transport() as transport:
         result = await transport.post(srv.url, BODY, HEADERS)
-    assert (result.status, result.body, result.headers["x-a"]) == (200, b"ok", "b")
+    assert (result.status, result.body, result.headers["x-a"]) == (200, body, "b")
 
 
 async def test_an_answer_before_the_whole_request_was_sent() -> None:
@@ -758,6 +800,26 @@ async def test_a_close_racing_the_next_request_raises_for_a_counted_retry() -> N
     assert len(srv.requests) == 3
 
 
+async def test_a_connection_closing_after_its_answer_is_not_handed_to_a_waiting_post() -> None:
+    # The server closes each connection right after its answer, without "Connection:
+    # close". Its FIN makes the transport closing a callback before the connection counts
+    # as closed; a post waiting for the one connection must not be handed it (nothing was
+    # sent on it, so failing would cost the event a counted retry): it gets a new one.
+    async def one_then_close(conn: RawConn) -> None:
+        await conn.request()
+        await conn.send(OK)
+
+    async with raw_server(one_then_close) as srv, open_transport(max_connections=1) as transport:
+        for _ in range(10):
+            results = await asyncio.gather(
+                *(transport.post(srv.url, BODY, HEADERS) for _ in range(2)),
+                return_exceptions=True,
+            )
+            failures = [r for r in results if isinstance(r, BaseException)]
+            assert not failures, failures
+    assert len(srv.requests) == srv.accepted == 20
+
+
 async def test_no_retry_once_the_answer_has_started() -> None:
     async def partial_on_second(conn: RawConn) -> None:
         await conn.request()
@@ -835,17 +897,153 @@ async def test_a_server_that_never_answers_times_out() -> None:
         assert srv.accepted == accepted + 1
 
 
-async def test_a_connect_timeout_is_part_of_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("phase", ["sock_connect", "create_connection"])
+async def test_a_connect_timeout_is_part_of_the_deadline(
+    phase: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The TCP connect, or the transport's set-up on the connected socket (the TLS
+    # handshake with https), hangs.
     loop = asyncio.get_running_loop()
 
-    async def slow_connect(*args: Any, **kwargs: Any) -> Any:
+    async def slow(*args: Any, **kwargs: Any) -> Any:
         await asyncio.sleep(10)
 
-    monkeypatch.setattr(loop, "create_connection", slow_connect)
-    async with open_transport(max_connections=1, request_timeout=0.1) as transport:
-        with pytest.raises(TimeoutError):
-            await transport.post("http://127.0.0.1:9/track", BODY, HEADERS)
-        assert transport._count == 0  # (white box) the slot was freed
+    async with raw_server(answer(OK)) as srv:
+        monkeypatch.setattr(loop, phase, slow)
+        async with open_transport(max_connections=1, request_timeout=0.1) as transport:
+            with pytest.raises(TimeoutError):
+                await transport.post(srv.url, BODY, HEADERS)
+            assert transport._count == 0  # (white box) the slot was freed
+
+
+# --- several addresses per host (Happy Eyeballs) -----------------------------------------------
+
+
+@asynccontextmanager
+async def blackhole() -> AsyncIterator[int]:
+    """A port on 127.0.0.1 whose connects hang: a listener never accepting, queue full."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            try:
+                filler.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fillers.append(filler)
+        await asyncio.sleep(0.05)
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+def resolve_to(monkeypatch: pytest.MonkeyPatch, *addresses: tuple[int, str, int]) -> None:
+    """Make the running loop resolve every name to ``addresses`` (family, ip, port)."""
+
+    async def getaddrinfo(*args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
+        return [
+            (family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, port))
+            for family, ip, port in addresses
+        ]
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
+
+
+async def test_an_address_that_hangs_does_not_hold_up_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first address drops packets (a broken IPv6 route, say): tried one after
+    # another, every connect would wait out the whole request timeout.
+    async with blackhole() as dead, raw_server(answer(OK)) as srv:
+        resolve_to(
+            monkeypatch,
+            (socket.AF_INET, "127.0.0.1", dead),
+            (socket.AF_INET, "127.0.0.1", srv.port),
+        )
+        async with open_transport(request_timeout=5.0) as transport:
+            started = time.perf_counter()
+            result = await transport.post(
+                f"http://api.example.test:{srv.port}/track", BODY, HEADERS
+            )
+            took = time.perf_counter() - started
+    assert result.status == 200
+    assert DELAY <= took < DELAY + 1.0
+    assert srv.requests[0].split(b"\r\n")[1] == f"Host: api.example.test:{srv.port}".encode()
+
+
+async def test_a_refused_address_moves_on_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with raw_server(answer(OK)) as srv:
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        refused_port = closed.getsockname()[1]
+        closed.close()  # nothing listens there: refused
+        resolve_to(
+            monkeypatch,
+            (socket.AF_INET, "127.0.0.1", refused_port),
+            (socket.AF_INET, "127.0.0.1", srv.port),
+        )
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        sock = await connect_first(loop, "api.example.test", srv.port, delay=5.0)
+        took = time.perf_counter() - started
+        assert sock.getpeername() == ("127.0.0.1", srv.port)
+        sock.close()
+    assert took < 2.0  # not the 5 s delay: a failed attempt starts the next
+
+
+async def test_when_no_address_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    ports = []
+    for _ in range(2):
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        ports.append(closed.getsockname()[1])
+        closed.close()
+    loop = asyncio.get_running_loop()
+    resolve_to(monkeypatch, (socket.AF_INET, "127.0.0.1", ports[0]))
+    with pytest.raises(ConnectionRefusedError):  # one address: its own error
+        await connect_first(loop, "api.example.test", ports[0])
+    resolve_to(monkeypatch, *((socket.AF_INET, "127.0.0.1", port) for port in ports))
+    with pytest.raises(OSError, match=r"any of the 2 addresses of 'api\.example\.test'"):
+        await connect_first(loop, "api.example.test", ports[0])
+    resolve_to(monkeypatch)
+    with pytest.raises(OSError, match="no addresses"):
+        await connect_first(loop, "api.example.test", ports[0])
+
+
+async def test_families_alternate_and_losers_are_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Attempts go v6, v4, v6, v4 (the resolver's first family first). A deadline that
+    # cancels the race leaves no socket open, connected or not.
+    loop = asyncio.get_running_loop()
+    tried: list[tuple[Any, ...]] = []
+    made: list[socket.socket] = []
+
+    async def sock_connect(sock: socket.socket, address: tuple[Any, ...]) -> None:
+        tried.append(address)
+        made.append(sock)
+        await asyncio.sleep(10)  # every address hangs
+
+    resolve_to(
+        monkeypatch,
+        (socket.AF_INET6, "::1", 1),
+        (socket.AF_INET6, "::1", 2),
+        (socket.AF_INET, "127.0.0.1", 3),
+        (socket.AF_INET, "127.0.0.1", 4),
+    )
+    monkeypatch.setattr(loop, "sock_connect", sock_connect)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(4 * 0.01 + 0.2):
+            await connect_first(loop, "api.example.test", 1, delay=0.01)
+    assert [address[1] for address in tried] == [1, 3, 2, 4]
+    await asyncio.sleep(0)
+    assert len(made) == 4
+    assert all(sock.fileno() == -1 for sock in made)
 
 
 async def test_max_connections_holds_under_50_concurrent_posts() -> None:
