@@ -180,8 +180,13 @@ EVENT_TYPES: dict[str, type[Event]] = {
 
 
 def _profile_key(profile_id: ProfileId) -> str:
-    # "1" and 1 are the same profile on the server.
-    return profile_id if type(profile_id) is str else repr(profile_id)
+    # "1", 1 and 1.0 are the same profile on the server, which takes a number's text as
+    # JavaScript writes it (String(1.0) is "1").
+    if type(profile_id) is str:
+        return profile_id
+    if type(profile_id) is float and profile_id.is_integer():
+        return str(int(profile_id))
+    return repr(profile_id)
 
 
 _encoder = msgspec.json.Encoder()

@@ -107,6 +107,7 @@ class ConcurrencyLimit:
         "_adaptive",
         "_awaited",
         "_batches",
+        "_blind_timeouts",
         "_cap_before_wait",
         "_cpu_clock",
         "_cut_blocked_until",
@@ -175,6 +176,7 @@ class ConcurrencyLimit:
         self._round_cpu = 0.0  # and the thread's CPU time then
         self._round_batches = 0  # and the batch count then
         self._cut_blocked_until = 0.0
+        self._blind_timeouts = 0  # timeouts before any answer (see timed_out)
         self.value = self._queue_cap
 
     @property
@@ -235,10 +237,20 @@ class ConcurrencyLimit:
         ``answered``.
         """
         before = self.value
-        if self._adaptive and self._probe_since is None and self._floor < math.inf:
-            rtt = min(waited, TIMEOUT_WEIGHT * self._floor)
-            self._round_timed_out = True
-            self._count(rtt, in_flight, now, wanted_more=False)
+        if self._adaptive and self._probe_since is None:
+            if self._floor < math.inf:
+                rtt = min(waited, TIMEOUT_WEIGHT * self._floor)
+                self._round_timed_out = True
+                self._count(rtt, in_flight, now, wanted_more=False)
+            else:
+                # Nothing has answered yet, so there is no floor to compare with: a server
+                # too slow from the start still gets fewer requests. Each round of timeouts
+                # (as many as the limit) halves it, down to the probe's few.
+                self._blind_timeouts += 1
+                if self._blind_timeouts >= self.value:
+                    self._blind_timeouts = 0
+                    self._queue_cap = max(PROBE_LIMIT, self._queue_cap // 2)
+                    self._slow_start_until = self._queue_cap
             self._set_value()
         return self.value > before
 

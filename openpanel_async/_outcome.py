@@ -31,8 +31,9 @@ def server_message(body: bytes) -> str | None:
     if body[:1] in (b"{", b"["):
         try:
             data = msgspec.json.decode(body)
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            # msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8.
+        except Exception:
+            # Not only DecodeError: UnicodeDecodeError for invalid UTF-8, RecursionError
+            # for a deeply nested body. Whatever a body holds, it must not crash the sender.
             data = None
         if isinstance(data, dict):
             for key in ("message", "error"):

@@ -28,11 +28,13 @@ def parse_retry_after(value: str, now_wall: float) -> float | None:
         return max(0.0, number)
     try:
         moment = parsedate_to_datetime(value.strip())
-    except (TypeError, ValueError, IndexError):
+        if moment.tzinfo is None:  # HTTP dates are GMT by definition
+            return None
+        return max(0.0, moment.timestamp() - now_wall)
+    except Exception:
+        # TypeError, ValueError, IndexError for what is no date; OverflowError for an
+        # absurd year or zone offset. A header must not crash the sender.
         return None
-    if moment.tzinfo is None:  # HTTP dates are GMT by definition
-        return None
-    return max(0.0, moment.timestamp() - now_wall)
 
 
 def parse_reset(value: str, now_wall: float) -> float | None:

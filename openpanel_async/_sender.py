@@ -380,8 +380,15 @@ class Sender:
         sent_at = time.perf_counter()
         try:
             response = await self._transport.post(self._url, item.body, headers)
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # the sender is closing: close() finds the item in _current
+            # Not ours: a transport (or a library in it) let a cancellation of its own
+            # escape. Taken for the worker's, it would strand the event (and its profile's
+            # ordering slot) until close(): it is a failed request like any other.
+            self._retry_later(item, None, None, exc, 0)
+            return
         except Exception as exc:
             # Timeouts, resets, refused connections, and anything else a misbehaving server
             # can provoke inside aiohttp: all retryable, none may kill the worker.
@@ -504,6 +511,11 @@ class Sender:
             self._pause_as_asked(wait)
         self._limit.rate_limited(self._loop.time(), self._paused_until)
         now = self._loop.time()
+        if requested is not None:
+            # A wait of (almost) nothing ("Retry-After: 0", or a date in the past from a
+            # proxy whose clock is behind) would have the event sent again at once, for
+            # as long as max_elapsed allows: the event's own backoff is the least it waits.
+            wait = max(wait, self._retry.backoff(item.rate_limited))
         due = max(self._paused_until, now + wait)
         assert item.first_attempt is not None
         if due - item.first_attempt > self._retry.max_elapsed:

@@ -948,7 +948,9 @@ async def test_a_retry_left_behind_by_a_worker_over_the_limit_wakes_an_idle_one(
         async def aclose(self) -> None:
             pass
 
-    async with fixed_client(RetryNowTransport(), max_concurrency=2) as op:
+    # No backoff at all: the least a 429's retry waits is the event's backoff.
+    no_wait = RetryPolicy(wait_initial=0.0, wait_max=0.0)
+    async with fixed_client(RetryNowTransport(), max_concurrency=2, retry=no_wait) as op:
         op.track("a")
         op.track("b")
         sender = started_sender(op)
@@ -957,6 +959,34 @@ async def test_a_retry_left_behind_by_a_worker_over_the_limit_wakes_an_idle_one(
         assert await until(lambda: op.stats().delivered == 2)
         assert sorted(names) == ["a", "a", "b"]
         assert op.stats().rate_limited == 1
+
+
+async def test_a_cancellation_escaping_the_transport_is_a_failed_request() -> None:
+    # A transport (or a library inside it) that lets a CancelledError of its own escape,
+    # while the worker itself is not being cancelled: taken for the worker's cancellation,
+    # it stranded the event, and the ordering slot of its profile, until close().
+    calls: list[str] = []
+
+    class CancelsOnce:
+        async def post(
+            self, url: str, body: bytes, headers: Mapping[str, str]
+        ) -> TransportResponse:
+            calls.append(msgspec.json.decode(body)["type"])
+            if len(calls) == 1:
+                raise asyncio.CancelledError
+            return TransportResponse(200, {}, b"{}")
+
+        async def aclose(self) -> None:
+            pass
+
+    fast = RetryPolicy(wait_initial=0.001, wait_max=0.002)
+    async with fixed_client(CancelsOnce(), retry=fast) as op:
+        op.identify("p1", first_name="A")
+        op.increment("p1", "visits")
+        assert await op.flush(timeout=2)
+        stats = op.stats()
+    assert (stats.delivered, stats.failed, stats.retries) == (2, 0, 1)
+    assert calls == ["identify", "identify", "increment"]  # still in order
 
 
 async def test_a_timeout_that_raises_the_limit_starts_more_requests_at_once() -> None:

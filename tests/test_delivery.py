@@ -21,7 +21,14 @@ from openpanel_async import (
 )
 from openpanel_async.testing import LocalOpenPanel, Reply
 
-from .conftest import FAST_RETRY, HTTP_CLIENT, assert_accounted, make_client
+from .conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    FAST_RETRY,
+    HTTP_CLIENT,
+    assert_accounted,
+    make_client,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -525,3 +532,69 @@ async def test_a_huge_reset_is_capped_by_max_retry_after(server: LocalOpenPanel)
         op.track("two")
         assert await op.flush(timeout=2)
     assert [r.status for r in server.requests] == [200, 200]
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        # msgspec raises RecursionError for a body nested this deep.
+        Reply(status=503, body=b"[" * 5000),
+        # An absurd zone offset: parsing the date raises OverflowError.
+        Reply(status=429, headers={"retry-after": "Mon, 01 Jan 2026 00:00:00 -99999999999999999"}),
+    ],
+    ids=["nested-body", "overflowing-date"],
+)
+async def test_an_answer_that_breaks_a_parser_is_only_a_failed_request(
+    server: LocalOpenPanel, reply: Reply
+) -> None:
+    # "Never let a body crash the sender" (the wire contract): one odd answer used to
+    # break the whole client, failing every pending event and dropping every new one.
+    server.script(reply)
+    async with make_client(server) as op:
+        for n in range(5):
+            assert op.track("e", {"n": n})
+        assert await op.flush(timeout=5)
+        assert op.track("later")
+        assert await op.flush(timeout=5)
+        stats = op.stats()
+    assert stats.state == "running"
+    assert (stats.delivered, stats.failed, stats.dropped) == (6, 0, 0)
+    assert stats.retries == 1
+
+
+async def test_a_429_asking_for_no_wait_still_backs_off(server: LocalOpenPanel) -> None:
+    # "Retry-After: 0" (or a date in the past, from a proxy whose clock is behind ours)
+    # asks for no wait at all: sent again at once, the event would be retried back to back
+    # (429s use up no attempts) until max_elapsed. Its own backoff is the least it waits.
+    retry = RetryPolicy(max_attempts=4, wait_initial=0.02, wait_max=0.08, max_elapsed=30.0)
+    server.script(*[Reply(status=429, headers={"retry-after": "0"})] * 1000)
+    async with make_client(server, retry=retry, shutdown_timeout=0.0) as op:
+        assert op.track("limited")
+        await asyncio.sleep(0.5)
+        sent = len(server.requests)
+    # Backoff ceilings 0.02, 0.04, 0.08, 0.08, ... (waits drawn below them): about 0.04 s
+    # apart on average, so some 12 in 0.5 s; back to back, it was hundreds.
+    assert 3 <= sent <= 40, sent
+
+
+async def test_a_server_that_never_answers_gets_fewer_requests_from_the_start() -> None:
+    # No answer ever came, so there is no measured round trip to compare with; a round of
+    # timeouts (as many as the limit) still halves the limit, down to the probe's 4.
+    async with LocalOpenPanel(client_id=CLIENT_ID, client_secret=CLIENT_SECRET) as server:
+        server.script(*[Reply(hang=True)] * 10_000)
+        retry = RetryPolicy(max_attempts=100, wait_initial=0.001, wait_max=0.002)
+        async with make_client(
+            server, max_concurrency=64, request_timeout=0.05, retry=retry, shutdown_timeout=0.0
+        ) as op:
+            for n in range(200):
+                assert op.track("hangs", {"n": n})
+            async with asyncio.timeout(5):
+                while op.stats().concurrency > 4:
+                    await asyncio.sleep(0.01)
+            timed_out = len(server.requests)
+            await asyncio.sleep(0.3)
+            late = len(server.requests) - timed_out
+            assert op.stats().in_flight <= 4
+    # Each round of 64, 32, 16, 8 took one request timeout; now 4 per 0.05 s at most.
+    assert timed_out <= 64 + 32 + 16 + 8 + 4 + 16, timed_out
+    assert late <= 4 * (0.3 / 0.05 + 2), late

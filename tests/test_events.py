@@ -812,3 +812,14 @@ def test_stamp_track_keeps_existing_timestamp() -> None:
     assert stamped == event
     assert stamped.properties == {"__timestamp": "2026-11-26T08:00:00.000Z", "a": 1}
     assert properties == {"__timestamp": "2026-11-26T08:00:00.000Z", "a": 1}
+
+
+def test_a_whole_float_profile_id_orders_with_its_int_and_str_forms() -> None:
+    # The server takes a number's text as JavaScript writes it: 1.0 is profile "1".
+    keys = {
+        Identify(profile_id=1.0).order_key(),
+        Increment(profile_id=1, property="n").order_key(),
+        Identify(profile_id="1").order_key(),
+    }
+    assert keys == {"1"}
+    assert Identify(profile_id=1.5).order_key() == "1.5"

@@ -262,6 +262,22 @@ def test_timeouts_count_as_long_round_trips_but_never_as_the_floor() -> None:
     assert limit.value == PROBE_LIMIT
 
 
+def test_timeouts_before_any_answer_halve_the_limit_per_round() -> None:
+    # Nothing has answered, so no floor: each round of timeouts (as many as the limit)
+    # halves it, down to PROBE_LIMIT; the first answer then starts a probe as usual.
+    limit = ConcurrencyLimit(256)
+    assert limit.floor == math.inf
+    seen = [limit.value]
+    for _ in range(8):
+        for _ in range(limit.value):
+            assert limit.timed_out(10.0, limit.value, now=1.0) is False
+        seen.append(limit.value)
+    assert seen == [START, 32, 16, 8, 4, 4, 4, 4, 4]
+    limit.answered(0.010, 1, 2.0, wanted_more=True)
+    assert limit.probing
+    assert ConcurrencyLimit(64, adaptive=False).timed_out(10.0, 64, now=1.0) is False
+
+
 def test_one_stray_timeout_among_answers_cuts_nothing() -> None:
     limit = ConcurrencyLimit(256)
     feed = Feed(limit)
