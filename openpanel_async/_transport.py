@@ -69,12 +69,18 @@ class AiohttpTransport:
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> TransportResponse:
         # Any other mapping holds every header and overrides the defaults it repeats.
         sent = None if headers is self._default_headers else headers
-        # Never follow redirects: the secret must not travel to another host.
-        async with self._session.post(
-            url, data=body, headers=sent, allow_redirects=False
-        ) as response:
-            content = await response.content.read(MAX_RESPONSE_BYTES)
-            return TransportResponse(response.status, response.headers, content)
+        try:
+            # Never follow redirects: the secret must not travel to another host.
+            async with self._session.post(
+                url, data=body, headers=sent, allow_redirects=False
+            ) as response:
+                content = await response.content.read(MAX_RESPONSE_BYTES)
+                return TransportResponse(response.status, response.headers, content)
+        except aiohttp.ClientError as exc:
+            error = _without_request(exc)
+        # Raised outside the handler, so that not even its __context__ leads back to
+        # aiohttp's exception.
+        raise error
 
     async def aclose(self) -> None:
         await self._session.close()
@@ -82,3 +88,15 @@ class AiohttpTransport:
     @property
     def closed(self) -> bool:
         return self._session.closed
+
+
+def _without_request(exc: aiohttp.ClientError) -> Exception:
+    """``exc`` as a plain error with its type and message only.
+
+    aiohttp's errors keep the request (``request_info.headers``, the client secret
+    included), and the sender hands the last one to the application as
+    ``DeliveryError.cause``. A timeout stays a TimeoutError: the sender counts those.
+    """
+    kind: type[Exception] = TimeoutError if isinstance(exc, TimeoutError) else ConnectionError
+    return kind(f"{type(exc).__name__}: {exc}")
+

@@ -598,3 +598,41 @@ async def test_a_server_that_never_answers_gets_fewer_requests_from_the_start() 
     # Each round of 64, 32, 16, 8 took one request timeout; now 4 per 0.05 s at most.
     assert timed_out <= 64 + 32 + 16 + 8 + 4 + 16, timed_out
     assert late <= 4 * (0.3 / 0.05 + 2), late
+
+
+async def test_no_network_error_handed_to_the_application_carries_the_secret() -> None:
+    # A malformed answer: aiohttp's ClientResponseError keeps the request's headers (the
+    # secret among them) in request_info; DeliveryError.cause must not lead to it.
+    async def malformed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nBroken header line without colon\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(malformed, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    errors: list[DeliveryError] = []
+    retry = RetryPolicy(max_attempts=2, wait_initial=0.001, wait_max=0.002)
+    try:
+        async with make_client(
+            LocalOpenPanel(),
+            api_url=f"http://127.0.0.1:{port}",
+            retry=retry,
+            on_error=errors.append,
+        ) as op:
+            op.track("x")
+            assert await op.flush(timeout=5)
+    finally:
+        server.close()
+    [error] = errors
+    assert "header" in str(error.cause)  # it still says what happened
+    seen: list[object] = []
+    todo: list[object] = [error]
+    while todo:  # everything reachable through causes, contexts and attributes
+        item = todo.pop()
+        if any(item is s for s in seen) or len(seen) > 10_000:
+            continue
+        seen.append(item)
+        assert CLIENT_SECRET not in repr(item)
+        if isinstance(item, BaseException):
+            todo += [item.__cause__, item.__context__, *vars(item).values()]
