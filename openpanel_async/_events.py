@@ -65,11 +65,11 @@ class Track(_Payload, frozen=True):
         if type(name) is not str or name not in _valid_names:
             v.check_event_name(name, "track.name")
         properties = self.properties
-        if type(properties) is not dict:
-            if properties is not UNSET:
-                v.check_properties(properties, "track.properties")
-        elif name == "revenue" or "__deviceId" in properties:
-            v.check_reserved_properties(name, properties, "track.properties")
+        if properties is not UNSET:
+            if type(properties) is not dict:
+                v.check_properties(properties, "track.properties")  # a dict subclass, say
+            if name == "revenue" or "__deviceId" in properties:
+                v.check_reserved_properties(name, properties, "track.properties")
         profile_id = self.profile_id
         if profile_id is not UNSET and (type(profile_id) is not str or not profile_id):
             v.check_profile_id(profile_id, "track.profile_id")

@@ -29,6 +29,7 @@ from ._accumulator import (
     Item,
 )
 from ._config import check_header_value
+from ._context import EventContext
 from ._context import _current as _current_context
 from ._events import (
     TRACK_PREFIX,
@@ -195,12 +196,28 @@ class EventIntake:
                 "event: must be a Track, Identify, Increment, Decrement, Group or AssignGroup, "
                 f"not {event_class.__name__}"
             )
+        context = _current_context.get()
+        if context is not None:
+            # As for the event methods: what the call leaves out comes from the context.
+            if client_ip is None:
+                client_ip = context.client_ip
+            if user_agent is None:
+                user_agent = context.user_agent
+            if event_class is Track or event_class is AssignGroup:
+                event = _with_identity(event, context)  # type: ignore[arg-type]
         glob = self._global_properties
-        if type(event) is Track and self._plain and not glob and event.groups is UNSET:
+        if (
+            type(event) is Track
+            and self._plain
+            and not glob
+            and event.groups is UNSET
+            and event.name != "revenue"
+            and (event.properties is UNSET or "__deviceId" not in event.properties)
+        ):
             # A ready-made Track passed its checks when it was built: it only needs its
             # timestamp, and takes track()'s fast path, without a stamped copy of the
-            # struct (and a second run of its checks).
-            client_ip, user_agent = _with_context(client_ip, user_agent)
+            # struct (and a second run of its checks). Unless its properties, which may
+            # have changed since, hold what a check would look at.
             return self._plain_track_item(
                 event.name,
                 stamped_properties(event.properties),
@@ -214,7 +231,6 @@ class EventIntake:
             event = msgspec.structs.replace(event, properties=merged)
         if event_class is Track:
             event = stamp_track(event)  # type: ignore[arg-type]
-        client_ip, user_agent = _with_context(client_ip, user_agent)
         return self._submit(event, event.order_key(), client_ip, user_agent)
 
     def _submit(
@@ -524,6 +540,16 @@ class EventIntake:
             profile_id=UNSET if profile_id is None else profile_id,
         )
         return self._enqueue_in_context(event, client_ip, user_agent)
+
+
+def _with_identity(event: Track | AssignGroup, context: EventContext) -> Track | AssignGroup:
+    """``event`` with the context's profile (and, for a Track, groups) where it has none."""
+    changes: dict[str, Any] = {}
+    if event.profile_id is UNSET and context.profile_id is not None:
+        changes["profile_id"] = context.profile_id
+    if type(event) is Track and event.groups is UNSET and context.groups is not None:
+        changes["groups"] = context.groups
+    return msgspec.structs.replace(event, **changes) if changes else event
 
 
 def _with_context(client_ip: str | None, user_agent: str | None) -> tuple[str | None, str | None]:

@@ -99,4 +99,3 @@ def _without_request(exc: aiohttp.ClientError) -> Exception:
     """
     kind: type[Exception] = TimeoutError if isinstance(exc, TimeoutError) else ConnectionError
     return kind(f"{type(exc).__name__}: {exc}")
-

@@ -326,12 +326,54 @@ async def test_send_of_a_bad_ready_made_track_is_refused_and_nothing_else_is_los
             await op.send(Track(name="header"), client_ip="1.2.3.4\nx")
         with pytest.raises(InvalidEventError, match="user_agent:"):
             op.send_nowait(Track(name="header"), user_agent="ua\r\nx: y")
+        # Properties changed after the Track was built are checked again where it matters.
+        props: dict[str, Any] = {"amount": 1}
+        revenue = Track(name="revenue", properties=props)
+        props["__revenue"] = -5
+        with pytest.raises(InvalidEventError, match=r"track.properties.__revenue"):
+            await op.send(revenue)
+        props = {"a": 1}
+        device = Track(name="x", properties=props)
+        props["__deviceId"] = 5
+        with pytest.raises(InvalidEventError, match=r"track.properties.__deviceId"):
+            op.send_nowait(device)
         await op.send(Track(name="after"))
         assert await op.flush(timeout=5)
         stats = op.stats()
     assert [r.payload["name"] for r in server.requests if r.payload] == ["before", "after"]
     assert stats.accepted == stats.delivered == 2
     assert stats.dropped == 0
+
+
+async def test_send_of_a_ready_made_event_takes_what_it_leaves_out_from_the_context(
+    server: LocalOpenPanel,
+) -> None:
+    # As track() and assign_group() do: the profile and groups of the current request.
+    async with make_client(server) as op:
+        with openpanel_async.event_context(
+            profile_id="u9", groups=["g1"], client_ip="198.51.100.7", user_agent="ctx/1"
+        ):
+            await op.send(Track(name="a"))
+            assert op.send_nowait(Track(name="b", profile_id="own", groups=[]))
+            assert op.send_nowait(openpanel_async.AssignGroup(group_ids=["g2"]))
+            assert op.send_nowait(Identify(profile_id="id1"))
+        await op.send(Track(name="outside"))
+        assert await op.flush(timeout=5)
+    sent = [(r.type, r.payload, r.headers.get("x-client-ip")) for r in server.requests]
+    assert [(t, p.get("profileId"), p.get("groups"), ip) for t, p, ip in sent] == [  # type: ignore[union-attr]
+        ("track", "u9", ["g1"], "198.51.100.7"),
+        ("track", "own", [], "198.51.100.7"),  # what the event says wins
+        ("assign_group", "u9", None, "198.51.100.7"),
+        ("identify", "id1", None, "198.51.100.7"),
+        ("track", None, None, None),
+    ]
+
+
+def test_a_dict_subclass_as_track_properties_gets_every_check() -> None:
+    with pytest.raises(InvalidEventError, match=r"track.properties.__revenue"):
+        Track(name="revenue", properties=_Props(__revenue=-5))
+    with pytest.raises(InvalidEventError, match=r"track.properties.__deviceId"):
+        Track(name="x", properties=_Props(__deviceId=5))
 
 
 async def test_track_with_global_properties_sends_what_the_struct_path_sends(
