@@ -162,9 +162,13 @@ def _parse_ip(value: str | None) -> IPAddress | None:
     elif text.count(":") == 1:  # "192.0.2.1:4711"
         text = text.split(":", 1)[0]
     try:
-        return ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
+    # A dual-stack socket (uvicorn --host ::) reports IPv4 peers as ::ffff:10.0.0.5: that
+    # is 10.0.0.5, for the trusted proxies and for the server's geo lookup alike.
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped or address
 
 
 def _clean_user_agent(value: str | None) -> str | None:

@@ -161,6 +161,10 @@ TEN = ["10.0.0.0/8"]
         pytest.param("10.0.0.1", TEN, [("forwarded", 'for="192.0.2.43:8080"')], "192.0.2.43", id="forwarded-quoted-ipv4-port"),
         pytest.param("10.0.0.1", TEN, [("forwarded", "for=6.6.6.6, for=198.51.100.17;proto=https, for=10.0.0.2")], "198.51.100.17", id="forwarded-chain"),
         pytest.param("10.0.0.1", TEN, [("forwarded", "for=6.6.6.6"), ("forwarded", "for=198.51.100.17")], "198.51.100.17", id="forwarded-several-headers"),
+        # A dual-stack socket (uvicorn --host ::) reports IPv4 peers as IPv4-mapped IPv6.
+        pytest.param("::ffff:10.0.0.5", TEN, [(XFF, "198.51.100.1")], "198.51.100.1", id="mapped-peer-trusted"),
+        pytest.param("::ffff:203.0.113.9", TEN, [(XFF, "198.51.100.1")], "203.0.113.9", id="mapped-peer-untrusted"),
+        pytest.param("10.0.0.1", TEN, [(XFF, "::ffff:198.51.100.2, ::ffff:10.0.0.2")], "198.51.100.2", id="mapped-hops"),
     ],
 )  # fmt: skip
 async def test_client_ip_selection(
