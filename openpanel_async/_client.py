@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import warnings
 from collections.abc import Callable, Mapping
@@ -28,6 +29,9 @@ from ._thread import DeliveryThread
 from ._transport import Transport
 from ._version import __version__
 from .errors import ClientClosedError, ConfigError
+
+# At exit, beyond shutdown_timeout: for a live loop in another thread to run the drain at all.
+_EXIT_GRACE = 0.5
 
 DEFAULT_API_URL = "https://api.openpanel.dev"
 DEFAULT_MAX_QUEUE_SIZE = 10_000
@@ -380,7 +384,10 @@ class OpenPanel(EventIntake):
         old = self._sender
         if old is not None:
             if old.loop.is_running():
-                return  # its loop lives on in another thread, which owns the shutdown
+                # Its loop runs on in another thread: at exit that is a daemon thread (the
+                # others have been joined), which dies with the interpreter. Drain there.
+                self._last_chance_on_loop(old.loop)
+                return
             self._adopt(old)
         if self._orphan is not None:
             self._adopt(self._orphan)
@@ -393,6 +400,28 @@ class OpenPanel(EventIntake):
         )
         try:
             asyncio.run(self.aclose())
+        except Exception:
+            logger.exception("openpanel_async: delivery at exit failed")
+
+    def _last_chance_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        logger.warning(
+            "openpanel_async: client not closed at exit; delivering %d pending events "
+            "on its event loop's thread (at most %gs)",
+            self._acc.pending,
+            self._shutdown_timeout,
+        )
+        done = asyncio.run_coroutine_threadsafe(self.aclose(), loop)
+        try:
+            done.result(self._shutdown_timeout + _EXIT_GRACE)
+        except concurrent.futures.TimeoutError:
+            # That loop is stuck (blocked by its own code): nothing more can be done.
+            done.cancel()
+            logger.error(
+                "openpanel_async: %d events pending at exit were lost: their event loop "
+                "did not run the shutdown within %gs",
+                self._acc.pending,
+                self._shutdown_timeout + _EXIT_GRACE,
+            )
         except Exception:
             logger.exception("openpanel_async: delivery at exit failed")
 

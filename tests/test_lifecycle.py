@@ -8,10 +8,12 @@ import os
 import socket
 import sys
 import textwrap
+import time
 
 import pytest
 
 from openpanel_async import OpenPanel
+from openpanel_async._client import _EXIT_GRACE
 from openpanel_async.testing import LocalOpenPanel, Reply
 
 from .conftest import CLIENT_ID, CLIENT_SECRET, FAST_RETRY, make_client, run_in_fork
@@ -71,8 +73,19 @@ async def main():
         op.track("script", {"i": i})
 asyncio.run(main())
 """
+# A sync app that runs an event loop in a daemon thread: it is still running at exit.
+_TRACK_FIVE_ON_A_DAEMON_LOOP = """
+import threading
+loop = asyncio.new_event_loop()
+threading.Thread(target=loop.run_forever, daemon=True).start()
+async def main():
+    for i in range(5):
+        op.track("script", {"i": i})
+asyncio.run_coroutine_threadsafe(main(), loop).result()
+"""
 # scenario: (client class, extra options, what the script does before it exits)
 SCRIPTS = {
+    "loop_in_a_daemon_thread": ("OpenPanel", "", _TRACK_FIVE_ON_A_DAEMON_LOOP),
     "no_loop": ("OpenPanel", "", _TRACK_FIVE),
     "loop_ended": ("OpenPanel", "", _TRACK_FIVE_IN_A_LOOP),
     "thread_delivery": ("OpenPanel", ", delivery='thread'", _TRACK_FIVE_IN_A_LOOP),
@@ -103,6 +116,30 @@ async def test_forgotten_close_delivers_at_exit(server: LocalOpenPanel, scenario
     assert sorted(r.properties["i"] for r in server.requests) == [0, 1, 2, 3, 4]
     assert "client not closed at exit; delivering" in text
     assert "5 delivered, 0 failed" in text
+    assert CLIENT_SECRET not in text
+
+
+async def test_at_exit_a_stuck_loop_in_a_daemon_thread_costs_a_bounded_wait(
+    server: LocalOpenPanel,
+) -> None:
+    # The loop's thread is blocked by the application's own code: the drain cannot run.
+    # Exit waits shutdown_timeout (plus a grace) at most, and says what was lost.
+    code = SCRIPT_HEAD.format(
+        cls="OpenPanel", cid=CLIENT_ID, secret=CLIENT_SECRET, url=server.url, extra=""
+    ).replace("shutdown_timeout=2.0", "shutdown_timeout=0.1")
+    code += textwrap.dedent(_TRACK_FIVE_ON_A_DAEMON_LOOP)
+    code += "import time\nloop.call_soon_threadsafe(time.sleep, 60)\ntime.sleep(0.1)\n"
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(30):
+        _, stderr = await proc.communicate()
+    took = time.monotonic() - started
+    text = stderr.decode()
+    assert proc.returncode == 0, text
+    assert "5 events pending at exit were lost" in text
+    assert took < 0.1 + _EXIT_GRACE + 5.0  # the interpreter's own start and stop included
     assert CLIENT_SECRET not in text
 
 
