@@ -91,6 +91,13 @@ class SyncOpenPanel:
         Idempotent. Never blocks much longer than ``shutdown_timeout``.
         """
         runner = self._runner
+        if runner.on_own_thread():
+            # From on_error, say: it would wait for itself. Refused before anything is
+            # stopped, so the client stays usable and a later close() drains it.
+            raise RuntimeError(
+                "SyncOpenPanel.close() cannot be called from the delivery thread (an "
+                "on_error callback, say); call it from your own code"
+            )
         if runner.stopped:
             runner.join_blocking(self._shutdown_timeout + 2 * GRACE)  # another close() drains
             return

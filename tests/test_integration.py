@@ -16,6 +16,7 @@ import pytest
 from openpanel_async import (
     ClientClosedError,
     ConfigError,
+    DeliveryError,
     Event,
     Identify,
     InvalidEventError,
@@ -306,6 +307,31 @@ def test_sync_client_send_blocks_for_room_and_context_manager() -> None:
     assert sorted(r.payload["properties"]["i"] for r in recorder.requests) == list(range(50))
 
 
+def test_sync_client_close_from_on_error_is_refused_and_leaves_the_client_usable() -> None:
+    # on_error runs on the delivery thread: a close() there would wait for itself. It is
+    # refused before anything stops, and the client goes on delivering.
+    refused: list[BaseException] = []
+    recorder = EventRecorder(status=400)
+
+    def on_error(error: DeliveryError) -> None:
+        try:
+            op.close()
+        except RuntimeError as exc:
+            refused.append(exc)
+
+    op = SyncOpenPanel(client_id=CLIENT_ID, transport=recorder, on_error=on_error)
+    assert op.track("rejected")
+    assert op.flush(timeout=5)
+    assert len(refused) == 1
+    assert "delivery thread" in str(refused[0])
+    recorder.status = 200
+    assert op.track("later")
+    assert op.flush(timeout=5)
+    op.close()
+    stats = op.stats()
+    assert (stats.delivered, stats.failed, stats.state) == (1, 1, "closed")
+
+
 def test_sync_client_send_uses_the_callers_event_context() -> None:
     # send() prepares the event on the calling thread: the caller's context applies, even
     # when the event then waits for room on the delivery thread.
@@ -323,6 +349,7 @@ def test_sync_client_send_uses_the_callers_event_context() -> None:
     default_ua = recorder.requests[-1].headers["user-agent"]
     assert default_ua.startswith("openpanel-async/")
     assert seen == [("ctx", "203.0.113.7", "ua/2")] * 5 + [("bare", None, default_ua)]
+    assert [r.payload.get("profileId") for r in recorder.requests] == ["p9"] * 5 + [None]
     with pytest.raises(ClientClosedError):
         op.send(Track(name="after"), timeout=1)
     assert op.stats().dropped_by_reason == {"closed": 1}
