@@ -16,7 +16,9 @@ _UUID_RE = re.compile(
     r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE | re.ASCII
 )
 _BAD_HEADER_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-_USERINFO_RE = re.compile(r"//[^/?#]*@")
+# Up to the last "@": a password may itself hold "/", "?" or "#". Masking too much of an
+# odd URL in an error message is fine; echoing any of a password is not.
+_USERINFO_RE = re.compile(r"//.*@")
 
 
 def check_client_id(client_id: object) -> str:
@@ -91,3 +93,12 @@ def check_header_value(value: object, field: str) -> None:
         raise InvalidEventError(f"{field}: must be a str, not {type(value).__name__}")
     if not value or _BAD_HEADER_CHARS.search(value):
         raise InvalidEventError(f"{field}: must be non-empty and free of control characters")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate: no HTTP client can send it (the builtin one would fail
+            # every attempt), so refuse it here.
+            raise InvalidEventError(
+                f"{field}: must be valid Unicode (no lone surrogates)"
+            ) from None

@@ -438,7 +438,8 @@ class EventIntake:
             _validation.check_properties(properties, "track.properties")
             properties = dict(properties)  # a dict subclass: send its items as a plain dict
         if timestamp is None and "__timestamp" in properties:
-            return {**glob, **properties} if glob else properties
+            # A copy even so: a before_send hook must not edit the caller's own dict.
+            return {**glob, **properties} if glob else properties.copy()
         if glob:
             return {**glob, **properties, "__timestamp": stamp}
         return {**properties, "__timestamp": stamp}
@@ -464,8 +465,10 @@ class EventIntake:
     ) -> bool:
         """Create or update a profile. Arguments left as None are not sent."""
         glob = self._global_properties
-        if glob and (properties is None or type(properties) is dict):
+        if glob and (properties is None or isinstance(properties, dict)):
             properties = {**glob, **properties} if properties else dict(glob)
+        elif isinstance(properties, dict) and self._before_send is not None:
+            properties = dict(properties)  # the hook must not edit the caller's own dict
         event = Identify(
             profile_id=profile_id,
             first_name=UNSET if first_name is None else first_name,
@@ -513,6 +516,8 @@ class EventIntake:
         user_agent: str | None = None,
     ) -> bool:
         """Create or update a group (``id``, ``type`` such as "company", display ``name``)."""
+        if isinstance(properties, dict) and self._before_send is not None:
+            properties = dict(properties)  # the hook must not edit the caller's own dict
         event = Group(
             id=id, type=type, name=name, properties=UNSET if properties is None else properties
         )

@@ -53,6 +53,7 @@ _EMAIL_RE = re.compile(
     re.ASCII,
 )
 _HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_HEX = frozenset("0123456789abcdefABCDEF")
 _HOSTNAME_RE = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?", re.ASCII)
 _WHITESPACE_OR_CONTROL_RE = re.compile(r"[\x00-\x20\x7f]")
 
@@ -195,8 +196,10 @@ def _valid_host(host: str, *, bracketed: bool) -> bool:
     if not _HOSTNAME_RE.fullmatch(host):
         return False
     labels = host.rstrip(".").split(".")
-    if labels[-1].isdigit():
-        # WHATWG parses a host whose last label is a number as an IPv4 address.
+    last = labels[-1]
+    if last.isdigit() or (last[:2] in ("0x", "0X") and all(c in _HEX for c in last[2:])):
+        # WHATWG parses a host whose last label is a number (decimal, or 0x and hex
+        # digits, even none) as an IPv4 address; we take dotted decimal only (stricter).
         try:
             ipaddress.IPv4Address(host.rstrip("."))
         except ValueError:

@@ -481,6 +481,53 @@ async def test_bad_input_raises_at_call_site_and_keeps_accepted_events(
     assert [r.payload["name"] for r in server.requests if r.payload] == ["before", "after"]
 
 
+@pytest.mark.parametrize("field", ["client_ip", "user_agent"])
+async def test_a_header_value_with_a_lone_surrogate_is_refused(
+    server: LocalOpenPanel, field: str
+) -> None:
+    # No HTTP client can send it: with http_client="builtin" every attempt failed.
+    async with make_client(server) as op:
+        with pytest.raises(InvalidEventError, match=f"{field}: must be valid Unicode"):
+            op.track("x", **{field: "ua\udc80"})
+        assert op.track("x", **{field: "ünïcode ok"})
+        assert await op.flush(timeout=5)
+    assert len(server.requests) == 1
+
+
+async def test_before_send_never_edits_the_callers_own_properties(
+    server: LocalOpenPanel,
+) -> None:
+    def scrub(event: Any) -> Any:
+        if event.properties is not UNSET:
+            event.properties.pop("email", None)
+        return event
+
+    own_track = {"email": "a@b.c", "__timestamp": "2025-05-05T05:05:05.005Z"}
+    own_identify = {"email": "a@b.c"}
+    own_group = {"email": "a@b.c"}
+    async with make_client(server, before_send=scrub) as op:
+        assert op.track("t", own_track)
+        assert op.identify("p1", properties=own_identify)
+        assert op.group("g1", "company", "Acme", own_group)
+        assert await op.flush(timeout=5)
+    assert all("email" not in r.properties for r in server.requests)
+    assert own_track == {"email": "a@b.c", "__timestamp": "2025-05-05T05:05:05.005Z"}
+    assert own_identify == own_group == {"email": "a@b.c"}
+
+
+async def test_identify_merges_global_properties_under_a_dict_subclass(
+    server: LocalOpenPanel,
+) -> None:
+    async with make_client(server, global_properties={"app_version": "1.2"}) as op:
+        assert op.identify("u1", properties={"plan": "pro"})
+        assert op.identify("u2", properties=_Props(plan="free"))
+        assert await op.flush(timeout=5)
+    assert [r.properties for r in server.requests] == [
+        {"app_version": "1.2", "plan": "pro"},
+        {"app_version": "1.2", "plan": "free"},
+    ]
+
+
 async def test_oversized_event_is_refused_at_call_site(server: LocalOpenPanel) -> None:
     async with make_client(server, max_event_bytes=200) as op:
         with pytest.raises(InvalidEventError, match="more than max_event_bytes=200"):
@@ -498,6 +545,8 @@ async def test_oversized_event_is_refused_at_call_site(server: LocalOpenPanel) -
         ({"api_url": "ftp://x"}, "api_url:"),
         ({"api_url": "https://"}, "api_url:"),
         ({"api_url": "https://h/track?x=1"}, "api_url: must not carry a query"),
+        # A password holding "/", "?" or "#" is masked whole ("s3cr3t-value" below).
+        ({"api_url": "https://bob:s3cr3t-value/#?@h:99999"}, "api_url: 'https://***@h:99999'"),
         ({"max_queue_size": 0}, "max_queue_size: must be an int >= 1"),
         ({"max_concurrency": True}, "max_concurrency: must be an int >= 1"),
         ({"request_timeout": 0}, "request_timeout: must be > 0"),

@@ -432,6 +432,10 @@ AVATARS_REFUSED: list[object] = [
     "x.com/a.png",
     "https://x.com:99999/a.png",
     "https://x.com/a\nb.png",
+    # A last label of 0x and hex digits is a number to a WHATWG parser (an IPv4 address).
+    "https://example.0x10/a.png",
+    "https://b.0x/a.png",
+    "https://a.0X1F/a.png",
     "",
     None,
     5,
