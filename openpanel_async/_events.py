@@ -211,16 +211,45 @@ class TrackWire(msgspec.Struct, omit_defaults=True, rename="camel", gc=False):
     profile_id: ProfileId | UnsetType = UNSET
 
 
-def encoding_error(wire_type: str, exc: Exception) -> InvalidEventError:
-    return InvalidEventError(f"{wire_type}.properties: cannot be encoded as JSON: {exc}")
+_ENCODING_ERRORS = (TypeError, ValueError, OverflowError)
+
+
+def encoding_error(wire_type: str, exc: Exception, payload: msgspec.Struct) -> InvalidEventError:
+    """The error for a ``payload`` msgspec could not encode, naming the field that failed.
+
+    Only on this error path is each field encoded again, to find it: a value that is no
+    JSON in the properties, or a lone surrogate in any string.
+    """
+    return InvalidEventError(
+        f"{wire_type}.{_unencodable(payload)}: cannot be encoded as JSON: {exc}"
+    )
+
+
+def _unencodable(payload: msgspec.Struct) -> str:
+    for name in payload.__struct_fields__:
+        value = getattr(payload, name)
+        if value is UNSET:
+            continue  # left out of the JSON (and not encodable on its own)
+        try:
+            _encoder.encode(value)
+        except _ENCODING_ERRORS:
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    try:
+                        _encoder.encode({key: item})
+                    except _ENCODING_ERRORS:
+                        plain = isinstance(key, str) and key.isprintable() and key.isascii()
+                        return f"{name}.{key}" if plain else f"{name}[{key!r}]"
+            return name
+    return "properties"  # encodes now: changed by another thread since
 
 
 def encode_event(event: Event) -> bytes:
     """The exact request body for ``event``; property values msgspec cannot encode are refused."""
     try:
         payload = _encoder.encode(event)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise encoding_error(event.wire_type, exc) from None
+    except _ENCODING_ERRORS as exc:
+        raise encoding_error(event.wire_type, exc, event) from None
     return REQUEST_PREFIXES[event.wire_type] + payload + b"}"
 
 

@@ -376,7 +376,8 @@ class EventIntake:
                     TrackWire(name, props, UNSET if profile_id is None else profile_id)
                 )
             except (TypeError, ValueError, OverflowError) as exc:
-                raise encoding_error("track", exc) from None
+                wire = TrackWire(name, props, UNSET if profile_id is None else profile_id)
+                raise encoding_error("track", exc, wire) from None
             body = TRACK_PREFIX + payload + b"}"
             if len(body) > self._max_event_bytes:
                 self._refuse_size("track", body)
@@ -413,10 +414,11 @@ class EventIntake:
         The bytes are the same as ``encode_event(Track(...))`` would give; no before_send
         hook, no groups, and the client is not disabled.
         """
+        wire = TrackWire(name, properties, profile_id)
         try:
-            payload = encode_payload(TrackWire(name, properties, profile_id))
+            payload = encode_payload(wire)
         except (TypeError, ValueError, OverflowError) as exc:
-            raise encoding_error("track", exc) from None
+            raise encoding_error("track", exc, wire) from None
         body = TRACK_PREFIX + payload + b"}"
         if len(body) > self._max_event_bytes:
             self._refuse_size("track", body)

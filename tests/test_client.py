@@ -320,7 +320,7 @@ async def test_send_of_a_bad_ready_made_track_is_refused_and_nothing_else_is_los
         await op.send(Track(name="before"))
         with pytest.raises(InvalidEventError, match="more than max_event_bytes=300"):
             await op.send(Track(name="big", properties={"s": "x" * 400}))
-        with pytest.raises(InvalidEventError, match=r"track.properties: cannot be encoded"):
+        with pytest.raises(InvalidEventError, match=r"track.properties.x: cannot be encoded"):
             op.send_nowait(Track(name="odd", properties={"x": object()}))
         with pytest.raises(InvalidEventError, match="client_ip:"):
             await op.send(Track(name="header"), client_ip="1.2.3.4\nx")
@@ -404,7 +404,7 @@ async def test_fast_path_checks_what_it_skips(server: LocalOpenPanel) -> None:
             op.track("seen", profile_id="")
         with pytest.raises(InvalidEventError, match=r"track.profile_id"):
             op.track("seen", profile_id=True)  # type: ignore[arg-type]
-        with pytest.raises(InvalidEventError, match=r"track.properties: cannot be encoded"):
+        with pytest.raises(InvalidEventError, match=r"track.properties.x: cannot be encoded"):
             op.track("seen", {"x": object()})
         with pytest.raises(InvalidEventError, match="client_ip:"):
             op.track("seen", client_ip="1.2.3.4\nx")
@@ -441,7 +441,12 @@ BAD_CALLS: list[tuple[str, Callable[[OpenPanel], object], str]] = [
     ("scan path", lambda op: op.track("/wp-login.php"), "track.name:"),
     ("name type", lambda op: op.track(3), "track.name: must be a str"),  # type: ignore[arg-type]
     ("props type", lambda op: op.track("a", [1]), "track.properties: must be a dict"),  # type: ignore[arg-type]
-    ("unencodable", lambda op: op.track("a", {"x": object()}), "track.properties: cannot be encoded"),
+    ("unencodable", lambda op: op.track("a", {"x": object()}), "track.properties.x: cannot be encoded"),
+    ("odd key", lambda op: op.track("a", {"k\ud800": 1}), "track.properties['k\\ud800']: cannot be encoded"),
+    ("surrogate profile", lambda op: op.track("a", profile_id="u\ud800"), "track.profile_id: cannot be encoded"),
+    ("surrogate group", lambda op: op.track("a", groups=["g\ud800"]), "track.groups: cannot be encoded"),
+    ("surrogate name", lambda op: op.identify("u", first_name="\ud800"), "identify.first_name: cannot be encoded"),
+    ("surrogate property", lambda op: op.increment("u", "p\ud800"), "increment.property: cannot be encoded"),
     ("empty profile", lambda op: op.track("a", profile_id=""), "track.profile_id: must not be empty"),
     ("empty group", lambda op: op.track("a", groups=[""]), "track.groups[0]: must not be empty"),
     ("naive ts", lambda op: op.track("a", timestamp=datetime(2026, 1, 1)), "timestamp: must be timezone-aware"),
