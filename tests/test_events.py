@@ -575,11 +575,17 @@ UNENCODABLE: list[object] = [object(), {"k": 1}.keys(), {"k": 1}.items(), 1 + 2j
 def test_encode_event_unencodable_property(
     wire: str, factory: Factory, base: dict[str, Any], value: object
 ) -> None:
-    for properties in ({"bad": value}, {"ok": 1, "nested": {"bad": [value]}}):
+    # The error names the top-level key that holds the value.
+    for properties, key in (
+        ({"bad": value}, "bad"),
+        ({"ok": 1, "nested": {"bad": [value]}}, "nested"),
+    ):
         event = factory(**base, properties=properties)
         with pytest.raises(InvalidEventError) as info:
             encode_event(event)
-        assert str(info.value).startswith(f"{wire}.properties: "), str(info.value)
+        assert str(info.value).startswith(
+            f"{wire}.properties.{key}: cannot be encoded as JSON: "
+        ), str(info.value)
 
 
 # --- decoding --------------------------------------------------------------------------
