@@ -40,6 +40,8 @@ from _common import (
 )
 from _server import BenchServer, ServerOptions
 
+from openpanel_async._client import DEFAULT_MAX_CONCURRENCY
+
 DELAYS = (0.050, 0.150)
 RATES = (500, 2_000, 5_000)
 
@@ -101,7 +103,10 @@ async def _case(server: BenchServer, rate: int, duration: float) -> dict[str, An
         "peak_in_flight_client": peak_in_flight,
         "peak_in_flight_server": after["peak_in_flight"],
         "server_ok": after["ok"] - before["ok"],
-        "max_concurrency": stats.concurrency,
+        # The configured bound (the default), not the limit at the end: adaptive
+        # concurrency may sit below it then, and the capacity bound is the configured one.
+        "max_concurrency": DEFAULT_MAX_CONCURRENCY,
+        "limit_at_end": stats.concurrency,
         "retries": stats.retries,
     }
 
