@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
+import threading
 import warnings
 from collections.abc import Callable, Mapping
 from types import MappingProxyType, TracebackType
@@ -32,6 +33,12 @@ from .errors import ClientClosedError, ConfigError
 
 # At exit, beyond shutdown_timeout: for a live loop in another thread to run the drain at all.
 _EXIT_GRACE = 0.5
+
+
+def _is_daemon(thread_id: int) -> bool:
+    thread = next((t for t in threading.enumerate() if t.ident == thread_id), None)
+    return thread is not None and thread.daemon
+
 
 DEFAULT_API_URL = "https://api.openpanel.dev"
 DEFAULT_MAX_QUEUE_SIZE = 10_000
@@ -384,9 +391,11 @@ class OpenPanel(EventIntake):
         old = self._sender
         if old is not None:
             if old.loop.is_running():
-                # Its loop runs on in another thread: at exit that is a daemon thread (the
-                # others have been joined), which dies with the interpreter. Drain there.
-                self._last_chance_on_loop(old.loop)
+                # Its loop runs on in another thread. Exit hooks run before the threads
+                # that are not daemons are joined: such a thread owns its shutdown. A
+                # daemon thread dies with the interpreter: deliver what is pending there.
+                if _is_daemon(old.thread_id):
+                    self._last_chance_on_loop(old.loop)
                 return
             self._adopt(old)
         if self._orphan is not None:
@@ -404,26 +413,42 @@ class OpenPanel(EventIntake):
             logger.exception("openpanel_async: delivery at exit failed")
 
     def _last_chance_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """At exit, for a client whose loop runs in a daemon thread: flush it there.
+
+        A flush, not a close: threads that are not daemons may still run, and use the
+        client, until they are joined after this hook.
+        """
         logger.warning(
             "openpanel_async: client not closed at exit; delivering %d pending events "
             "on its event loop's thread (at most %gs)",
             self._acc.pending,
             self._shutdown_timeout,
         )
-        done = asyncio.run_coroutine_threadsafe(self.aclose(), loop)
+        done = asyncio.run_coroutine_threadsafe(self.flush(self._shutdown_timeout), loop)
         try:
-            done.result(self._shutdown_timeout + _EXIT_GRACE)
+            delivered = done.result(self._shutdown_timeout + _EXIT_GRACE)
         except concurrent.futures.TimeoutError:
-            # That loop is stuck (blocked by its own code): nothing more can be done.
-            done.cancel()
+            done.cancel()  # that loop is stuck (blocked by its own code)
+            delivered = False
+        except Exception:
+            logger.exception("openpanel_async: delivery at exit failed")
+            return
+        if not delivered:
             logger.error(
                 "openpanel_async: %d events pending at exit were lost: their event loop "
-                "did not run the shutdown within %gs",
+                "did not deliver them within %gs",
                 self._acc.pending,
                 self._shutdown_timeout + _EXIT_GRACE,
             )
-        except Exception:
-            logger.exception("openpanel_async: delivery at exit failed")
+            return
+        stats = self.stats()
+        logger.info(
+            "openpanel_async: at exit: %d accepted, %d delivered, %d failed, %d dropped",
+            stats.accepted,
+            stats.delivered,
+            stats.failed,
+            stats.dropped,
+        )
 
     def _last_chance_on_runner(self, runner: DeliveryThread) -> None:
         # Daemon threads still run while exit hooks do: drain on the thread, blocking.

@@ -18,7 +18,7 @@ _UUID_RE = re.compile(
 _BAD_HEADER_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 # Up to the last "@": a password may itself hold "/", "?" or "#". Masking too much of an
 # odd URL in an error message is fine; echoing any of a password is not.
-_USERINFO_RE = re.compile(r"//.*@")
+_USERINFO_RE = re.compile(r"//.*@", re.DOTALL)
 
 
 def check_client_id(client_id: object) -> str:

@@ -15,6 +15,7 @@ has no such option.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 from collections.abc import Sequence
 from itertools import zip_longest
@@ -32,7 +33,10 @@ async def connect_first(
     loop: asyncio.AbstractEventLoop, host: str, port: int, delay: float = DELAY
 ) -> socket.socket:
     """A connected non-blocking socket to ``host``; OSError when no address answers."""
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = _literal(host, port)
+    if infos is None:
+        # A name: resolved in the loop's executor (a thread), once per new connection.
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     if not infos:
         raise OSError(f"getaddrinfo({host!r}, {port}) returned no addresses")
     addresses = _interleave(infos)
@@ -65,6 +69,17 @@ async def connect_first(
         f"could not connect to any of the {len(addresses)} addresses of {host!r}: "
         + "; ".join(str(error) for error in errors)
     )
+
+
+def _literal(host: str, port: int) -> list[_AddrInfo] | None:
+    """The one address of an IP literal, with no lookup (None: ``host`` is a name)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if address.version == 4:
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+    return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))]
 
 
 def _interleave(infos: Sequence[_AddrInfo]) -> list[_AddrInfo]:

@@ -230,7 +230,13 @@ class EventIntake:
             merged = dict(glob) if own is UNSET else {**glob, **own}
             event = msgspec.structs.replace(event, properties=merged)
         if event_class is Track:
-            event = stamp_track(event)  # type: ignore[arg-type]
+            track: Track = event  # type: ignore[assignment]
+            props = track.properties
+            if props is not UNSET and (track.name == "revenue" or "__deviceId" in props):
+                # Checked when the Track was built, but its dict may have changed since
+                # (stamp_track() rebuilds, and so re-checks, only an event it stamps).
+                _validation.check_reserved_properties(track.name, props, "track.properties")
+            event = stamp_track(track)
         return self._submit(event, event.order_key(), client_ip, user_agent)
 
     def _submit(
@@ -278,6 +284,11 @@ class EventIntake:
 
     def _run_before_send(self, event: Event) -> Event | None:
         assert self._before_send is not None
+        properties = getattr(event, "properties", UNSET)
+        if isinstance(properties, dict):
+            # The hook may edit the properties in place: never the caller's own dict (a
+            # shallow copy, made only when there is a hook).
+            event = msgspec.structs.replace(event, properties=dict(properties))
         try:
             result = self._before_send(event)
         except Exception:
@@ -440,8 +451,7 @@ class EventIntake:
             _validation.check_properties(properties, "track.properties")
             properties = dict(properties)  # a dict subclass: send its items as a plain dict
         if timestamp is None and "__timestamp" in properties:
-            # A copy even so: a before_send hook must not edit the caller's own dict.
-            return {**glob, **properties} if glob else properties.copy()
+            return {**glob, **properties} if glob else properties
         if glob:
             return {**glob, **properties, "__timestamp": stamp}
         return {**properties, "__timestamp": stamp}
@@ -469,8 +479,6 @@ class EventIntake:
         glob = self._global_properties
         if glob and (properties is None or isinstance(properties, dict)):
             properties = {**glob, **properties} if properties else dict(glob)
-        elif isinstance(properties, dict) and self._before_send is not None:
-            properties = dict(properties)  # the hook must not edit the caller's own dict
         event = Identify(
             profile_id=profile_id,
             first_name=UNSET if first_name is None else first_name,
@@ -518,8 +526,6 @@ class EventIntake:
         user_agent: str | None = None,
     ) -> bool:
         """Create or update a group (``id``, ``type`` such as "company", display ``name``)."""
-        if isinstance(properties, dict) and self._before_send is not None:
-            properties = dict(properties)  # the hook must not edit the caller's own dict
         event = Group(
             id=id, type=type, name=name, properties=UNSET if properties is None else properties
         )

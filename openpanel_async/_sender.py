@@ -511,10 +511,11 @@ class Sender:
             self._pause_as_asked(wait)
         self._limit.rate_limited(self._loop.time(), self._paused_until)
         now = self._loop.time()
-        if requested is not None:
+        if requested is not None and requested < self._retry.wait_initial:
             # A wait of (almost) nothing ("Retry-After: 0", or a date in the past from a
             # proxy whose clock is behind) would have the event sent again at once, for
             # as long as max_elapsed allows: the event's own backoff is the least it waits.
+            # A real wait, however short, is honoured as asked.
             wait = max(wait, self._retry.backoff(item.rate_limited))
         due = max(self._paused_until, now + wait)
         assert item.first_attempt is not None
@@ -743,6 +744,11 @@ class Sender:
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
+
+    @property
+    def thread_id(self) -> int:
+        """The thread its loop runs on (the one that created it)."""
+        return self._thread_id
 
     def detach_unsettled(self) -> list[Item]:
         """Everything accepted and unsettled outside the accumulator, oldest first.

@@ -337,6 +337,12 @@ async def test_send_of_a_bad_ready_made_track_is_refused_and_nothing_else_is_los
         props["__deviceId"] = 5
         with pytest.raises(InvalidEventError, match=r"track.properties.__deviceId"):
             op.send_nowait(device)
+        # The same when the properties carry their own timestamp (nothing to stamp).
+        props = {"amount": 1, "__timestamp": "2025-05-05T05:05:05.005Z"}
+        stamped = Track(name="revenue", properties=props)
+        props["__revenue"] = -5
+        with pytest.raises(InvalidEventError, match=r"track.properties.__revenue"):
+            await op.send(stamped)
         await op.send(Track(name="after"))
         assert await op.flush(timeout=5)
         stats = op.stats()
@@ -510,14 +516,19 @@ async def test_before_send_never_edits_the_callers_own_properties(
     own_track = {"email": "a@b.c", "__timestamp": "2025-05-05T05:05:05.005Z"}
     own_identify = {"email": "a@b.c"}
     own_group = {"email": "a@b.c"}
+    sent_track = {"email": "a@b.c", "__timestamp": "2025-05-05T05:05:05.005Z"}
+    sent_identify = {"email": "a@b.c"}
     async with make_client(server, before_send=scrub) as op:
         assert op.track("t", own_track)
         assert op.identify("p1", properties=own_identify)
         assert op.group("g1", "company", "Acme", own_group)
+        await op.send(Track(name="t", properties=sent_track))
+        assert op.send_nowait(Identify(profile_id="p2", properties=sent_identify))
         assert await op.flush(timeout=5)
+    assert len(server.requests) == 5
     assert all("email" not in r.properties for r in server.requests)
-    assert own_track == {"email": "a@b.c", "__timestamp": "2025-05-05T05:05:05.005Z"}
-    assert own_identify == own_group == {"email": "a@b.c"}
+    assert own_track == sent_track == {"email": "a@b.c", "__timestamp": "2025-05-05T05:05:05.005Z"}
+    assert own_identify == own_group == sent_identify == {"email": "a@b.c"}
 
 
 async def test_identify_merges_global_properties_under_a_dict_subclass(
@@ -552,6 +563,7 @@ async def test_oversized_event_is_refused_at_call_site(server: LocalOpenPanel) -
         ({"api_url": "https://h/track?x=1"}, "api_url: must not carry a query"),
         # A password holding "/", "?" or "#" is masked whole ("s3cr3t-value" below).
         ({"api_url": "https://bob:s3cr3t-value/#?@h:99999"}, "api_url: 'https://***@h:99999'"),
+        ({"api_url": "https://bob:s3cr3t-value\nx@h:99999"}, "api_url: 'https://***@h:99999'"),
         ({"max_queue_size": 0}, "max_queue_size: must be an int >= 1"),
         ({"max_concurrency": True}, "max_concurrency: must be an int >= 1"),
         ({"request_timeout": 0}, "request_timeout: must be > 0"),

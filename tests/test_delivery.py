@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -575,6 +576,23 @@ async def test_a_429_asking_for_no_wait_still_backs_off(server: LocalOpenPanel) 
     # Backoff ceilings 0.02, 0.04, 0.08, 0.08, ... (waits drawn below them): about 0.04 s
     # apart on average, so some 12 in 0.5 s; back to back, it was hundreds.
     assert 3 <= sent <= 40, sent
+
+
+async def test_a_short_retry_after_is_honoured_as_asked_every_time(
+    server: LocalOpenPanel,
+) -> None:
+    # Only a wait below the first backoff step gets the backoff as its floor: a real
+    # Retry-After, however often repeated, is what the event waits (plus a tenth at most).
+    retry = RetryPolicy(wait_initial=0.04, wait_max=2.0, max_elapsed=30.0)
+    server.script(*[Reply(status=429, headers={"retry-after": "0.05"})] * 6)
+    async with make_client(server, retry=retry) as op:
+        assert op.track("limited")
+        assert await op.flush(timeout=10)
+    arrivals = [r.arrived for r in server.requests]
+    assert len(arrivals) == 7
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert min(gaps) >= 0.05 - 0.005, gaps
+    assert max(gaps) < 0.2, gaps  # a growing backoff would reach 0.64 and 1.28 s
 
 
 async def test_a_server_that_never_answers_gets_fewer_requests_from_the_start() -> None:

@@ -119,6 +119,49 @@ async def test_forgotten_close_delivers_at_exit(server: LocalOpenPanel, scenario
     assert CLIENT_SECRET not in text
 
 
+async def test_at_exit_a_client_of_a_thread_still_running_is_left_to_it(
+    server: LocalOpenPanel,
+) -> None:
+    # Exit hooks run before the threads that are not daemons are joined: the main thread
+    # returns while a worker thread's own app still tracks. That thread owns its client's
+    # shutdown; the exit hook must neither close nor flush it.
+    code = SCRIPT_HEAD.format(
+        cls="OpenPanel", cid=CLIENT_ID, secret=CLIENT_SECRET, url=server.url, extra=""
+    )
+    code += textwrap.dedent(
+        """
+        import threading, time
+        ready = threading.Event()
+        def worker():
+            async def app():
+                async with op:
+                    ready.set()
+                    kept = sum(op.track("tick", {"i": i}) for i in range(3))
+                    for i in range(3, 10):
+                        await asyncio.sleep(0.05)  # the main thread has returned by now
+                        kept += op.track("tick", {"i": i})
+                    print("kept", kept, flush=True)
+            asyncio.run(app())
+        threading.Thread(target=worker).start()
+        ready.wait()
+        """
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        stdout, stderr = await proc.communicate()
+    text = stderr.decode()
+    assert proc.returncode == 0, text
+    assert stdout.decode().split() == ["kept", "10"]
+    assert sorted(r.properties["i"] for r in server.requests) == list(range(10))
+    assert "client not closed at exit" not in text
+
+
 async def test_at_exit_a_stuck_loop_in_a_daemon_thread_costs_a_bounded_wait(
     server: LocalOpenPanel,
 ) -> None:
