@@ -808,6 +808,25 @@ def test_demo_with_credentials_sends_a_small_set_to_the_project(local: ServerThr
     assert CLIENT_SECRET not in result.stdout
 
 
+def test_demo_sends_to_a_project_only_with_an_explicit_client_id(local: ServerThread) -> None:
+    # Credentials that merely sit in the environment (an app's .env, the README's export
+    # line) must not send demo data to that project.
+    environment = cli_env(
+        OPENPANEL_CLIENT_ID=CLIENT_ID,
+        OPENPANEL_CLIENT_SECRET=CLIENT_SECRET,
+        OPENPANEL_API_URL=local.server.url,
+    )
+    result = run("demo", "--events", "50", env=environment)
+    assert result.returncode == 0, result.stderr
+    assert local.requests() == []
+    assert "demo data goes to a project only with --client-id" in result.stderr
+    assert table_value(result.stdout, "delivered") == "50"
+    # With --client-id, the environment supplies the rest.
+    result = run("demo", "--client-id", CLIENT_ID, env=environment)
+    assert result.returncode == 0, result.stderr
+    assert {r.type for r in local.requests() if r.status == 200} >= {"identify", "track"}
+
+
 # --- the pieces, in process ----------------------------------------------------------------------
 
 

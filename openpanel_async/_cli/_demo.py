@@ -66,14 +66,22 @@ REMOTE_DEMO_RETRY = RetryPolicy(
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    # Only an explicit --client-id sends demo data to a project: credentials that merely
+    # sit in the environment (an app's .env, the README's export line) must not.
     explicit = args.api_url is not None or args.client_secret is not None
-    if not args.local and (args.client_id or env(ENV_CLIENT_ID)):
+    if not args.local and args.client_id:
         return asyncio.run(_demo_remote(resolve_target(args, "demo"), args))
     if explicit and not args.local:
         raise CliError(
-            f"demo: --api-url and --client-secret need --client-id (or {ENV_CLIENT_ID}) to "
-            "send to a real project; without them the demo runs on a local server",
+            "demo: --api-url and --client-secret need --client-id to send to a real "
+            "project; without it the demo runs on a local server",
             EXIT_USAGE,
+        )
+    if not args.local and env(ENV_CLIENT_ID):
+        print(
+            f"demo: on a local server ({ENV_CLIENT_ID} is set, but demo data goes to a "
+            "project only with --client-id)",
+            file=sys.stderr,
         )
     return asyncio.run(_demo_local(args))
 

@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="see the client at work in a few seconds, on a local server",
         description="Start a local OpenPanel server and push a realistic mix of events "
         "through the real client, rate limits included; then show what happened. With "
-        "credentials, send a small demo set to a real project instead.",
+        "--client-id, send a small demo set to that project instead.",
         parents=[common, credentials],
     )
     demo.set_defaults(handler=cmd_demo)
@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--events", type=_positive_int, metavar="N", help="stop after this many events"
     )
     demo.add_argument(
-        "--local", action="store_true", help="use the local server even with credentials set"
+        "--local", action="store_true", help="use the local server even with --client-id"
     )
     demo.add_argument("--no-progress", action="store_true", help="no live progress line")
     _add_timeout(demo, 5.0)
