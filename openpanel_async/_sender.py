@@ -442,7 +442,7 @@ class Sender:
                 item,
                 RejectedError,
                 "rejected",
-                f"the server rejected the {item.event_type} event ({status}): {message}",
+                _rejection(item.event_type, status, message),
                 status=status,
                 message=message,
             )
@@ -832,6 +832,15 @@ class Sender:
             lost,
             sum(dropped.values()),
         )
+
+
+def _rejection(event_type: str, status: int, message: str | None) -> str:
+    text = f"the server rejected the {event_type} event ({status})"
+    if 300 <= status < 400:
+        # Typically http:// answered with a redirect to https://: never followed, since
+        # the secret must not travel to another URL.
+        text += "; redirects are not followed: check api_url"
+    return f"{text}: {message}" if message else text
 
 
 def _describe_exception(exc: BaseException | None) -> str:

@@ -128,8 +128,9 @@ def check_profile_id(value: object, field: str = "profile_id") -> None:
         fail(field, f"must be a non-empty str or a number, not {type(value).__name__}")
     if isinstance(value, float) and not math.isfinite(value):
         fail(field, f"must be a finite number, got {value!r}")
-    if abs(value) > _MAX_SAFE_INT:
-        fail(field, "is a number too large to survive JSON's double precision; send it as a str")
+    if isinstance(value, int) and abs(value) > _MAX_SAFE_INT:
+        # A float is a double already; an int this large would be rounded on the wire.
+        fail(field, "is an int too large to survive JSON's double precision; send it as a str")
 
 
 def check_string_list(value: object, field: str, *, allow_empty_list: bool) -> None:
@@ -174,8 +175,8 @@ def check_positive_number(value: object, field: str) -> None:
         fail(field, f"must be a finite number, got {value!r}")
     if value <= 0:
         fail(field, f"must be greater than 0, got {value!r} (use decrement to subtract)")
-    if abs(value) > _MAX_SAFE_INT:
-        fail(field, "is too large to survive JSON's double precision")
+    if isinstance(value, int) and abs(value) > _MAX_SAFE_INT:
+        fail(field, "is an int too large to survive JSON's double precision")
 
 
 def check_email(value: object, field: str = "email") -> None:

@@ -835,7 +835,7 @@ def test_demo_sends_to_a_project_only_with_an_explicit_client_id(local: ServerTh
     [
         ("42", 42), ("2.5", 2.5), ("true", True), ("null", None), ('{"a": [1]}', {"a": [1]}),
         ('"42"', "42"), ("hello world", "hello world"), ("", ""), ("NaN", "NaN"),
-        ("Infinity", "Infinity"), ("[1,", "[1,"),
+        ("Infinity", "Infinity"), ("[1,", "[1,"), ("1e999", "1e999"), ('{"a": -1e999}', '{"a": -1e999}'),
     ],
 )  # fmt: skip
 def test_prop_values_are_json_when_they_parse(text: str, value: object) -> None:

@@ -154,6 +154,20 @@ async def test_client_errors_fail_without_retry(server: LocalOpenPanel, status: 
     assert (error.status, error.server_message, error.attempts) == (status, f"nope {status}", 1)
 
 
+async def test_a_redirect_is_reported_as_such_and_never_followed(server: LocalOpenPanel) -> None:
+    # Typically http:// answered with a redirect to https://: the secret must not follow.
+    server.script(Reply(status=302, body=b"", headers={"location": "https://elsewhere/"}))
+    errors: list[DeliveryError] = []
+    async with make_client(server, on_error=errors.append) as op:
+        op.track("moved")
+        assert await op.flush(timeout=5)
+    [error] = errors
+    assert str(error) == (
+        "the server rejected the track event (302); redirects are not followed: check api_url"
+    )
+    assert len(server.requests) == 1
+
+
 async def test_real_validation_error_from_server_is_reported(server: LocalOpenPanel) -> None:
     # An event our validation cannot see: a scripted 400 with the server's real message.
     server.script(

@@ -201,7 +201,8 @@ PROFILE_FACTORIES: list[tuple[str, Factory, dict[str, Any]]] = [
     ("decrement", Decrement, {"property": "visits"}),
     ("assign_group", AssignGroup, {"group_ids": ["g"]}),
 ]
-PROFILE_IDS_OK: list[object] = [0, 123, -7, 1.5, 2**53, "1", "user_123", EMOJI]
+# A float is a double already: only an int beyond 2**53 would be rounded on the wire.
+PROFILE_IDS_OK: list[object] = [0, 123, -7, 1.5, 2**53, float(2**60), "1", "user_123", EMOJI]
 PROFILE_IDS_REFUSED: list[object] = [
     "",
     True,
@@ -211,7 +212,6 @@ PROFILE_IDS_REFUSED: list[object] = [
     -math.inf,
     2**60,
     -(2**60),
-    float(2**60),
     None,
     [],
     b"1",
@@ -833,3 +833,9 @@ def test_a_whole_float_profile_id_orders_with_its_int_and_str_forms() -> None:
     }
     assert keys == {"1"}
     assert Identify(profile_id=1.5).order_key() == "1.5"
+
+
+def test_a_large_float_value_is_a_double_already() -> None:
+    assert Increment(profile_id="u", property="n", value=1e16).value == 1e16
+    with pytest.raises(InvalidEventError, match=r"increment.value: is an int too large"):
+        Increment(profile_id="u", property="n", value=2**60)

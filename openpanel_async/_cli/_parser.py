@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
@@ -33,14 +34,21 @@ _N = TypeVar("_N", int, float)
 def parse_value(text: str) -> Any:
     """A --prop value: JSON when it parses (numbers, true, null, objects...), else the text.
 
-    NaN and Infinity are not JSON and the server refuses them: they stay strings.
+    NaN and Infinity are not JSON and the server refuses them: they stay strings, and so
+    does a number too large for a double (``1e999``, which would parse as infinity).
     """
 
     def refuse(constant: str) -> NoReturn:
         raise ValueError(constant)
 
+    def finite(number: str) -> float:
+        value = float(number)
+        if not math.isfinite(value):
+            raise ValueError(number)
+        return value
+
     try:
-        return json.loads(text, parse_constant=refuse)
+        return json.loads(text, parse_constant=refuse, parse_float=finite)
     except ValueError:
         return text
 
