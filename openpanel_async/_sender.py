@@ -656,8 +656,13 @@ class Sender:
         status: int | None = None,
         message: str | None = None,
         include_in_flight: bool = False,
+        say_attempts: bool = False,
     ) -> int:
-        """Fail every event not yet on the wire (and, if asked, those on it); return the count."""
+        """Fail every event not yet on the wire (and, if asked, those on it); return the count.
+
+        ``say_attempts``: the message says whether the event was ever sent, since one that
+        was (and got no answer in time) may have been stored by the server.
+        """
         items: list[Item] = list(self._owned)
         self._owned.clear()
         items.extend(self._retries.drain())
@@ -673,11 +678,20 @@ class Sender:
         for item in items:
             if not item.settled:
                 count += 1
+                described = text
+                if say_attempts:
+                    tries = item.attempts + item.rate_limited
+                    described = (
+                        f"{text} after {tries} attempt{'s' if tries > 1 else ''}; the server "
+                        "may have stored it"
+                        if tries
+                        else f"not sent: {text}"
+                    )
                 self._fail(
                     item,
                     error_class,
                     reason,
-                    text,
+                    described,
                     status=status,
                     message=message,
                     release_order=False,
@@ -806,9 +820,9 @@ class Sender:
             lost = self._fail_waiting(
                 ShutdownError,
                 "shutdown",
-                f"not sent: the client closed before the event was delivered "
-                f"(shutdown_timeout={timeout:g}s)",
+                f"the client closed before the event was delivered (shutdown_timeout={timeout:g}s)",
                 include_in_flight=True,
+                say_attempts=True,
             )
             self._current.clear()
             for waiter in self._idle:

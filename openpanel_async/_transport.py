@@ -7,6 +7,7 @@ patching anything.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
@@ -62,7 +63,9 @@ class AiohttpTransport:
         self._default_headers = default_headers
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0),
-            timeout=aiohttp.ClientTimeout(total=request_timeout),
+            # ceil_threshold: aiohttp would otherwise round a timeout of 5 s or more up
+            # to the next whole second of the loop's clock.
+            timeout=aiohttp.ClientTimeout(total=request_timeout, ceil_threshold=math.inf),
             headers=default_headers,
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections.abc import Iterator
 
@@ -20,6 +21,7 @@ from openpanel_async import (
     RetryPolicy,
     ShutdownError,
 )
+from openpanel_async._transport import AiohttpTransport
 from openpanel_async.testing import LocalOpenPanel, Reply
 
 from .conftest import (
@@ -362,6 +364,14 @@ async def test_aclose_respects_deadline_when_server_hangs(
     assert dict(stats.failed_by_reason) == {"shutdown": 10}
     assert len(errors) == 10
     assert all(isinstance(e, ShutdownError) for e in errors)
+    # The 4 on the wire may have been stored; the 6 behind them were never sent.
+    texts = sorted(str(e) for e in errors)
+    base = "the client closed before the event was delivered (shutdown_timeout=0.2s)"
+    assert (
+        texts
+        == [f"not sent: {base}"] * 6
+        + [f"{base} after 1 attempt; the server may have stored it"] * 4
+    )
     assert_accounted(stats, closed=True)
     [summary] = [r for r in caplog.records if "closed:" in r.getMessage()]
     assert summary.levelno == logging.WARNING
@@ -668,3 +678,14 @@ async def test_no_network_error_handed_to_the_application_carries_the_secret() -
         assert CLIENT_SECRET not in repr(item)
         if isinstance(item, BaseException):
             todo += [item.__cause__, item.__context__, *vars(item).values()]
+
+
+async def test_aiohttp_request_timeouts_are_exact() -> None:
+    # aiohttp rounds a timeout of ceil_threshold (5 s) or more up to the next whole second
+    # of the loop's clock, so request_timeout=5 could take almost 6 s per attempt.
+    transport = AiohttpTransport(max_connections=1, request_timeout=5.0)
+    try:
+        assert transport._session.timeout.total == 5.0  # (white box)
+        assert transport._session.timeout.ceil_threshold == math.inf
+    finally:
+        await transport.aclose()
