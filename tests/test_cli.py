@@ -302,6 +302,7 @@ SEND_CASES: dict[str, tuple[list[str], dict[str, Any]]] = {
 
 def test_send_every_type(local: ServerThread) -> None:
     url = local.server.url
+    local.server.profiles.add("1")  # the commands run at once: identify may come last
     commands = [["send", *args, *creds(url)] for args, _ in SEND_CASES.values()]
     results = run_all(*commands)
     received = {r.type: r for r in local.wait_for(len(SEND_CASES))}

@@ -57,6 +57,7 @@ def test_public_surface_is_pinned() -> None:
 
 
 async def test_every_event_type_exact_payload_and_headers(server: LocalOpenPanel) -> None:
+    server.profiles.add("1")  # a profile stored earlier (increment needs one)
     async with make_client(server, client_id=CLIENT_ID.upper()) as op:
         assert op.track("my_event", {"foo": "bar"}, profile_id="123", groups=["org_acme"])
         assert op.identify(

@@ -419,14 +419,16 @@ async def test_profile_operations_keep_call_order(server: LocalOpenPanel) -> Non
 
 
 async def test_profile_not_found_is_retried_then_failed(server: LocalOpenPanel) -> None:
+    # The profile's identify is still being processed: two 404s, then it is found.
     not_found = Reply(status=404, body={"status": 404, "message": "Profile not found"})
     server.script(not_found, not_found)
+    server.profiles.add("new")
     async with make_client(server) as op:
         op.send_nowait(Increment(profile_id="new", property="visits", value=1))
         assert await op.flush(timeout=5)
         assert op.stats().delivered == 1
     server.reset()
-    server.script(*[not_found] * 10)
+    server.profiles.clear()  # and one that never was: the server answers 404 by itself
     errors: list[DeliveryError] = []
     policy = RetryPolicy(max_attempts=10, wait_initial=0.01, wait_max=0.02, wait_jitter=0)
     async with make_client(server, retry=policy, on_error=errors.append) as op:
@@ -435,6 +437,30 @@ async def test_profile_not_found_is_retried_then_failed(server: LocalOpenPanel) 
     assert len(server.requests) == 4  # a few spaced tries, not the whole budget
     assert isinstance(errors[0], RetriesExhaustedError)
     assert errors[0].server_message == "Profile not found"
+
+
+async def test_the_local_server_knows_only_profiles_an_identify_stored(
+    server: LocalOpenPanel,
+) -> None:
+    # As the real server: increment/decrement of a profile nothing identified is a 404.
+    errors: list[DeliveryError] = []
+    policy = RetryPolicy(wait_initial=0.001, wait_max=0.002)
+    async with make_client(server, retry=policy, on_error=errors.append) as op:
+        op.increment("stranger", "visits")
+        op.identify(7, first_name="Ann")
+        op.increment("7", "visits")  # 7 and "7" are one profile
+        op.decrement(7.0, "credits")
+        assert await op.flush(timeout=5)
+        stats = op.stats()
+    assert (stats.delivered, stats.failed) == (3, 1)
+    assert errors[0].server_message == "Profile not found"
+    assert server.profiles == {"7"}
+    server.reset()
+    server.strict_profiles = False
+    async with make_client(server) as op:
+        op.increment("anyone", "visits")
+        assert await op.flush(timeout=5)
+        assert op.stats().delivered == 1
 
 
 async def test_on_error_that_raises_does_not_break_delivery(

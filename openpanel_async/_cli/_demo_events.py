@@ -40,11 +40,25 @@ def demo_calls(rng: random.Random, count: int = 2048) -> list[TrackCall | OtherC
     users = [f"user_{n:04d}" for n in range(300)]
     kinds = ("track", "identify", "increment", "decrement", "group", "assign_group")
     weights = (82, 5, 5, 2, 2, 4)
-    return [_demo_call(kind, rng, users) for kind in rng.choices(kinds, weights=weights, k=count)]
+    identified: list[str] = []
+    return [
+        _demo_call(kind, rng, users, identified)
+        for kind in rng.choices(kinds, weights=weights, k=count)
+    ]
 
 
-def _demo_call(kind: str, rng: random.Random, users: list[str]) -> TrackCall | OtherCall:
-    user = rng.choice(users)
+def _demo_call(
+    kind: str, rng: random.Random, users: list[str], identified: list[str]
+) -> TrackCall | OtherCall:
+    if kind in ("increment", "decrement"):
+        if not identified:
+            kind = "identify"  # the server only counts for a profile it has stored
+        else:
+            user = rng.choice(identified)
+    if kind not in ("increment", "decrement"):
+        user = rng.choice(users)
+    if kind == "identify":
+        identified.append(user)
     org_id, org_name = rng.choice(_ORGS)
     if kind == "track":
         return _demo_track(rng, user, org_id)

@@ -23,7 +23,7 @@ from typing import Any, Self
 import msgspec
 from aiohttp import web
 
-from .._events import decode_envelope
+from .._events import Decrement, Identify, Increment, decode_envelope
 from ..errors import InvalidEventError
 
 _MAX_BODY_BYTES = 1024 * 1024
@@ -110,6 +110,11 @@ class LocalOpenPanel:
         on_request: called with each request once it is answered (or dropped).
         record: keep every request in ``requests``. Turn off for long runs (with
             ``on_request`` to observe them) so that memory stays flat.
+        strict_profiles: as the real server does, answer an ``increment`` or
+            ``decrement`` of a profile no ``identify`` has stored with 404 "Profile not
+            found" (the client retries it a few spaced times, then fails it). ``profiles``
+            holds the stored ids (as text: ``1`` and ``"1"`` are one profile); add to it to
+            start with profiles that exist. False: every profile exists.
     """
 
     def __init__(
@@ -128,6 +133,7 @@ class LocalOpenPanel:
         seed: int | None = None,
         on_request: Callable[[ReceivedRequest], None] | None = None,
         record: bool = True,
+        strict_profiles: bool = True,
     ) -> None:
         self.client_id = client_id.lower() if client_id else None
         self.client_secret = client_secret
@@ -142,6 +148,8 @@ class LocalOpenPanel:
         self.whole_seconds = whole_seconds
         self.fail_rate = fail_rate
         self.requests: list[ReceivedRequest] = []
+        self.strict_profiles = strict_profiles
+        self.profiles: set[str] = set()
         self.on_request = on_request
         self.record = record
         self.request_count = 0
@@ -331,7 +339,7 @@ class LocalOpenPanel:
         if request.content_type != "application/json":
             return _response(415, None, headers)
         try:
-            _event, body_id, body_secret = decode_envelope(body)
+            event, body_id, body_secret = decode_envelope(body)
         except InvalidEventError as exc:
             return _response(400, _error(400, str(exc)), headers)
         client_id = request.headers.get("openpanel-client-id") or body_id
@@ -344,6 +352,15 @@ class LocalOpenPanel:
             return _response(202, {"bot": {"name": "bot"}}, headers)
         if request.headers.get("origin") is not None and self._is_duplicate(body):
             return _response(200, "Duplicate event", headers)
+        profile = event.order_key()  # the profile's id as the server keys it, if any
+        if isinstance(event, Identify) and profile is not None:
+            self.profiles.add(profile)
+        elif (
+            isinstance(event, Increment | Decrement)
+            and self.strict_profiles
+            and profile not in self.profiles
+        ):
+            return _response(404, None, headers)
         return _response(200, None, headers)
 
     def _is_duplicate(self, body: bytes) -> bool:
