@@ -589,6 +589,40 @@ def test_ctrl_c_during_import_drains_and_says_what_was_sent(
     assert delivered <= stored <= delivered + 10
 
 
+def test_a_second_ctrl_c_stops_the_drain_and_the_summary_counts_what_failed(
+    local: ServerThread, tmp_path: Path
+) -> None:
+    local.server.response_delay = 1.0
+    lines = [envelope("track", {"name": "slow", "properties": {"i": i}}) for i in range(300)]
+    source = write_lines(tmp_path / "events.jsonl", lines)
+    failed = tmp_path / "failed.jsonl"
+    proc = start(
+        "import", str(source), "--failed", str(failed), "--queue-size", "40",
+        "--concurrency", "10", "--shutdown-timeout", "30", *creds(local.server.url),
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    local.wait_for(1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.stderr is not None
+    assert "draining" in proc.stderr.readline()  # the first one was taken
+    proc.send_signal(signal.SIGINT)  # do not wait for the 30 s drain
+    interrupted = time.monotonic()
+    result = finish(proc)
+    assert time.monotonic() - interrupted < 5.0
+    assert result.returncode == 130, result.stderr
+    match = re.search(
+        r"aborted after line (\d+) of .*: (\d+) lines sent, (\d+) delivered, (\d+) failed",
+        result.stdout,
+    )
+    assert match, result.stdout
+    line_no, sent, delivered, failed_count = map(int, match.groups())
+    assert line_no == sent == delivered + failed_count
+    assert failed_count > 0
+    written = len(failed.read_text().splitlines())
+    assert written == failed_count
+    assert f"{written} lines written to {failed}" in result.stdout
+
+
 class FailingInput(io.RawIOBase):
     """One line, then a read error, as a failing disk or a broken pipe gives."""
 

@@ -74,6 +74,8 @@ class Importer:
         self.write_error: OSError | None = None  # writing --failed failed
         self.interrupted = False
         self.aborted = False
+        self.started = 0.0
+        self.elapsed = 0.0
         self.abort = asyncio.Event()
         self._phase: asyncio.Task[Any] | None = None  # what the first Ctrl-C cuts short
         self._meter = RateMeter()
@@ -198,9 +200,15 @@ class Importer:
 
     # --- the whole run ---------------------------------------------------------------------
 
-    async def run(self, client: OpenPanel) -> int:
+    async def run(self, client: OpenPanel) -> None:
+        """Import everything (or until interrupted); ``report()`` then says how it went.
+
+        The report comes after the event loop has ended: after a second Ctrl-C the close
+        is still failing what it had not delivered (through on_error, into --failed) when
+        this returns, and asyncio.run() lets it finish before the loop closes.
+        """
         self.client = client
-        started = time.monotonic()
+        self.started = time.monotonic()
         reader = LineReader(self.source.stream)
         await client.start()
         reader.start()
@@ -221,7 +229,7 @@ class Importer:
         finally:
             ticker.cancel()
             self.status.clear()
-        return self.report(client.stats(), time.monotonic() - started)
+            self.elapsed = time.monotonic() - self.started
 
     async def _until_interrupted(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run ``work`` as the phase that the first Ctrl-C cancels."""
@@ -240,7 +248,7 @@ class Importer:
         await asyncio.wait({closing, aborting}, return_when=asyncio.FIRST_COMPLETED)
         aborting.cancel()
         # On an abort the close task is cancelled as the loop ends; what it had not
-        # delivered still fails through on_error (and into --failed) before the file closes.
+        # delivered still fails through on_error (and into --failed) before the report.
         self.aborted = not closing.done()
 
     def report(self, stats: Stats, elapsed: float) -> int:
@@ -312,4 +320,5 @@ def cmd_import(args: argparse.Namespace) -> int:
                 max_queue_size=args.queue_size,
                 max_concurrency=args.concurrency,
             )
-            return asyncio.run(importer.run(client))
+            asyncio.run(importer.run(client))
+            return importer.report(client.stats(), importer.elapsed)
