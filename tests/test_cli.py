@@ -655,7 +655,8 @@ def test_a_read_error_delivers_what_was_read_then_fails(
         request_timeout=2.0,
         shutdown_timeout=1.0,
     )
-    assert asyncio.run(importer.run(client)) == 1
+    asyncio.run(importer.run(client))
+    assert importer.report(client.stats(), importer.elapsed) == 1
     out, err = capsys.readouterr()
     assert err == "openpanel-async: error: cannot read the input: Input/output error\n"
     assert "stopped after line 1 of flaky.jsonl: 1 line sent, 1 delivered" in out
