@@ -556,19 +556,27 @@ def test_import_stops_at_refused_credentials(local: ServerThread, tmp_path: Path
     assert len(local.requests()) < 20  # not 200 refused requests
 
 
+def start_slow_import(
+    local: ServerThread, tmp_path: Path, failed: Path, *, shutdown_timeout: float
+) -> subprocess.Popen[str]:
+    """An import of 300 lines, 10 requests at a time, running once this returns."""
+    lines = [envelope("track", {"name": "slow", "properties": {"i": i}}) for i in range(300)]
+    source = write_lines(tmp_path / "events.jsonl", lines)
+    proc = start(
+        "import", str(source), "--failed", str(failed), "--queue-size", "40",
+        "--concurrency", "10", "--shutdown-timeout", str(shutdown_timeout),
+        *creds(local.server.url), stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    local.wait_for(1)  # importing: the signal handler is installed before the first request
+    return proc
+
+
 def test_ctrl_c_during_import_drains_and_says_what_was_sent(
     local: ServerThread, tmp_path: Path
 ) -> None:
     local.server.response_delay = 0.3
-    lines = [envelope("track", {"name": "slow", "properties": {"i": i}}) for i in range(300)]
-    source = write_lines(tmp_path / "events.jsonl", lines)
     failed = tmp_path / "failed.jsonl"
-    proc = start(
-        "import", str(source), "--failed", str(failed), "--queue-size", "40",
-        "--concurrency", "10", "--shutdown-timeout", "0.5", *creds(local.server.url),
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    local.wait_for(1)  # importing: the handler is installed before the first request
+    proc = start_slow_import(local, tmp_path, failed, shutdown_timeout=0.5)
     proc.send_signal(signal.SIGINT)
     interrupted = time.monotonic()
     result = finish(proc)
@@ -593,15 +601,8 @@ def test_a_second_ctrl_c_stops_the_drain_and_the_summary_counts_what_failed(
     local: ServerThread, tmp_path: Path
 ) -> None:
     local.server.response_delay = 1.0
-    lines = [envelope("track", {"name": "slow", "properties": {"i": i}}) for i in range(300)]
-    source = write_lines(tmp_path / "events.jsonl", lines)
     failed = tmp_path / "failed.jsonl"
-    proc = start(
-        "import", str(source), "--failed", str(failed), "--queue-size", "40",
-        "--concurrency", "10", "--shutdown-timeout", "30", *creds(local.server.url),
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    local.wait_for(1)
+    proc = start_slow_import(local, tmp_path, failed, shutdown_timeout=30)
     proc.send_signal(signal.SIGINT)
     assert proc.stderr is not None
     assert "draining" in proc.stderr.readline()  # the first one was taken

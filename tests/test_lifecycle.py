@@ -93,6 +93,21 @@ SCRIPTS = {
 }
 
 
+async def run_script(code: str) -> tuple[int, str, str]:
+    """Run ``code`` in a new interpreter: (exit status, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        stdout, stderr = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, stdout.decode(), stderr.decode()
+
+
 @pytest.mark.parametrize("scenario", sorted(SCRIPTS))
 async def test_forgotten_close_delivers_at_exit(server: LocalOpenPanel, scenario: str) -> None:
     cls, extra, body = SCRIPTS[scenario]
@@ -102,17 +117,8 @@ async def test_forgotten_close_delivers_at_exit(server: LocalOpenPanel, scenario
     url = server.url.replace("127.0.0.1", "localhost")
     code = SCRIPT_HEAD.format(cls=cls, cid=CLIENT_ID, secret=CLIENT_SECRET, url=url, extra=extra)
     code += textwrap.dedent(body)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        code,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(30):
-        _, stderr = await proc.communicate()
-    text = stderr.decode()
-    assert proc.returncode == 0, text
+    status, _, text = await run_script(code)
+    assert status == 0, text
     assert sorted(r.properties["i"] for r in server.requests) == [0, 1, 2, 3, 4]
     assert "client not closed at exit; delivering" in text
     assert "5 delivered, 0 failed" in text
@@ -146,18 +152,9 @@ async def test_at_exit_a_client_of_a_thread_still_running_is_left_to_it(
         ready.wait()
         """
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        code,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(30):
-        stdout, stderr = await proc.communicate()
-    text = stderr.decode()
-    assert proc.returncode == 0, text
-    assert stdout.decode().split() == ["kept", "10"]
+    status, stdout, text = await run_script(code)
+    assert status == 0, text
+    assert stdout.split() == ["kept", "10"]
     assert sorted(r.properties["i"] for r in server.requests) == list(range(10))
     assert "client not closed at exit" not in text
 
@@ -173,14 +170,9 @@ async def test_at_exit_a_stuck_loop_in_a_daemon_thread_costs_a_bounded_wait(
     code += textwrap.dedent(_TRACK_FIVE_ON_A_DAEMON_LOOP)
     code += "import time\nloop.call_soon_threadsafe(time.sleep, 60)\ntime.sleep(0.1)\n"
     started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", code, stderr=asyncio.subprocess.PIPE
-    )
-    async with asyncio.timeout(30):
-        _, stderr = await proc.communicate()
+    status, _, text = await run_script(code)
     took = time.monotonic() - started
-    text = stderr.decode()
-    assert proc.returncode == 0, text
+    assert status == 0, text
     assert "5 events pending at exit were lost" in text
     assert took < 0.1 + _EXIT_GRACE + 5.0  # the interpreter's own start and stop included
     assert CLIENT_SECRET not in text
