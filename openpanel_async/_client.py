@@ -381,8 +381,11 @@ class OpenPanel(EventIntake):
         self._sender = self._orphan = None
         self._acc = Accumulator(self._acc.max_size)
 
-    def _last_chance(self) -> None:
-        """At interpreter exit: one bounded attempt to deliver what a forgotten client holds."""
+    def _last_chance(self, *, late: bool = False) -> None:
+        """At interpreter exit: one bounded attempt to deliver what a forgotten client holds.
+
+        ``late``: the second look, after the threads that are not daemons have ended.
+        """
         if self._runner is not None:
             self._last_chance_on_runner(self._runner)
             return
@@ -396,6 +399,14 @@ class OpenPanel(EventIntake):
                 # daemon thread dies with the interpreter: deliver what is pending there.
                 if _is_daemon(old.thread_id):
                     self._last_chance_on_loop(old.loop)
+                elif late:
+                    logger.error(
+                        "openpanel_async: %d events pending at exit were lost: their event "
+                        "loop was still running",
+                        self._acc.pending,
+                    )
+                else:
+                    _lifecycle.look_again_at_exit(self)
                 return
             self._adopt(old)
         if self._orphan is not None:
@@ -424,7 +435,14 @@ class OpenPanel(EventIntake):
             self._acc.pending,
             self._shutdown_timeout,
         )
-        done = asyncio.run_coroutine_threadsafe(self.flush(self._shutdown_timeout), loop)
+        try:
+            done = asyncio.run_coroutine_threadsafe(self.flush(self._shutdown_timeout), loop)
+        except RuntimeError:  # that loop closed meanwhile
+            logger.error(
+                "openpanel_async: %d events pending at exit were lost: their event loop closed",
+                self._acc.pending,
+            )
+            return
         try:
             delivered = done.result(self._shutdown_timeout + _EXIT_GRACE)
         except concurrent.futures.TimeoutError:

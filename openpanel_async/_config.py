@@ -16,9 +16,6 @@ _UUID_RE = re.compile(
     r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE | re.ASCII
 )
 _BAD_HEADER_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-# Up to the last "@": a password may itself hold "/", "?" or "#". Masking too much of an
-# odd URL in an error message is fine; echoing any of a password is not.
-_USERINFO_RE = re.compile(r"//.*@", re.DOTALL)
 
 
 def check_client_id(client_id: object) -> str:
@@ -38,11 +35,25 @@ def check_client_secret(client_secret: object) -> None:
         raise ConfigError("client_secret: must be a non-empty str without control characters")
 
 
+def _masked(url: str) -> str:
+    """``url`` with everything up to its last "@" masked, but the scheme.
+
+    A password may itself hold "/", "?", "#" or a newline, and a mistyped URL may lack
+    the "//": masking too much of an odd URL in an error message is fine, echoing any of
+    a password is not.
+    """
+    if "@" not in url:
+        return url
+    host = url.rsplit("@", 1)[1]
+    scheme, separator, _ = url.partition("://")
+    return f"{scheme}://***@{host}" if separator and "@" not in scheme else f"***@{host}"
+
+
 def check_api_url(api_url: object) -> str:
     if not isinstance(api_url, str):
         raise ConfigError(f"api_url: must be a str, not {type(api_url).__name__}")
     url = api_url.strip().rstrip("/")
-    shown = _USERINFO_RE.sub("//***@", url)  # never echo a password given in the URL
+    shown = _masked(url)  # never echo a password given in the URL
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for an invalid port

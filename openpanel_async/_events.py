@@ -184,9 +184,9 @@ def _profile_key(profile_id: ProfileId) -> str:
     # JavaScript writes it (String(1.0) is "1").
     if type(profile_id) is str:
         return profile_id
-    if type(profile_id) is float and profile_id.is_integer():
+    if type(profile_id) is float and profile_id.is_integer() and abs(profile_id) < 1e21:
         return str(int(profile_id))
-    return repr(profile_id)
+    return repr(profile_id)  # from 1e21 on, JavaScript writes an exponent too: "1e+21"
 
 
 _encoder = msgspec.json.Encoder()

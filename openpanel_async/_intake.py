@@ -240,15 +240,22 @@ class EventIntake:
         return self._submit(event, event.order_key(), client_ip, user_agent)
 
     def _submit(
-        self, event: Event, order_key: str | None, client_ip: str | None, user_agent: str | None
+        self,
+        event: Event,
+        order_key: str | None,
+        client_ip: str | None,
+        user_agent: str | None,
+        *,
+        own_properties: bool = False,
     ) -> Item | None:
         """Hook, encode once, check and wrap for the queue: what every event goes through.
 
         None: the event goes nowhere (filtered by before_send, or the client is disabled);
-        the drop is counted here.
+        the drop is counted here. ``own_properties``: the event's properties dict was made
+        by the client (track() makes one per call), so a hook may edit it as it is.
         """
         if self._before_send is not None:
-            hooked = self._run_before_send(event)
+            hooked = self._run_before_send(event, own_properties)
             if hooked is None:
                 return None
             if hooked is not event:
@@ -282,10 +289,10 @@ class EventIntake:
             self._start_if_on_a_loop()
         return self._acc.put(item)
 
-    def _run_before_send(self, event: Event) -> Event | None:
+    def _run_before_send(self, event: Event, own_properties: bool) -> Event | None:
         assert self._before_send is not None
         properties = getattr(event, "properties", UNSET)
-        if isinstance(properties, dict):
+        if not own_properties and isinstance(properties, dict):
             # The hook may edit the properties in place: never the caller's own dict (a
             # shallow copy, made only when there is a hook).
             event = msgspec.structs.replace(event, properties=dict(properties))
@@ -404,7 +411,7 @@ class EventIntake:
                 profile_id=UNSET if profile_id is None else profile_id,
                 groups=UNSET if groups is None else groups,  # type: ignore[arg-type]
             )
-            submitted = self._submit(event, None, client_ip, user_agent)
+            submitted = self._submit(event, None, client_ip, user_agent, own_properties=True)
             if submitted is None:
                 return self._disabled
             item = submitted
@@ -451,7 +458,10 @@ class EventIntake:
             _validation.check_properties(properties, "track.properties")
             properties = dict(properties)  # a dict subclass: send its items as a plain dict
         if timestamp is None and "__timestamp" in properties:
-            return {**glob, **properties} if glob else properties
+            if glob:
+                return {**glob, **properties}
+            # The caller's own dict: as it is, unless a before_send hook may edit it.
+            return properties if self._before_send is None else properties.copy()
         if glob:
             return {**glob, **properties, "__timestamp": stamp}
         return {**properties, "__timestamp": stamp}

@@ -22,10 +22,14 @@ from typing import Protocol
 class _ProcessAware(Protocol):
     def _reset_after_fork(self) -> None: ...
 
-    def _last_chance(self) -> None: ...
+    def _last_chance(self, *, late: bool = False) -> None: ...
 
 
 _clients: weakref.WeakSet[_ProcessAware] = weakref.WeakSet()
+# Clients whose loop still ran in a thread that is not a daemon when the exit hook ran:
+# that thread owned their shutdown, and is joined after the hook. A last look at them
+# comes from a plain atexit handler, which runs after the join.
+_late: weakref.WeakSet[_ProcessAware] = weakref.WeakSet()
 _installed = False
 _install_lock = threading.Lock()
 
@@ -38,8 +42,15 @@ def register(client: _ProcessAware) -> None:
     with _install_lock:
         if not _installed:
             os.register_at_fork(after_in_child=_after_fork_in_child)
+            atexit.register(_at_exit_late)  # runs after the early hook and the join
             _register_exit_hook()
             _installed = True
+
+
+def look_again_at_exit(client: _ProcessAware) -> None:
+    """Once the threads that are not daemons have ended, call ``client._last_chance``
+    again (late): the thread that owned its shutdown may have left events behind."""
+    _late.add(client)
 
 
 def _register_exit_hook() -> None:
@@ -61,3 +72,8 @@ def _after_fork_in_child() -> None:
 def _at_exit() -> None:
     for client in list(_clients):
         client._last_chance()
+
+
+def _at_exit_late() -> None:
+    for client in list(_late):
+        client._last_chance(late=True)

@@ -565,6 +565,8 @@ async def test_oversized_event_is_refused_at_call_site(server: LocalOpenPanel) -
         # A password holding "/", "?" or "#" is masked whole ("s3cr3t-value" below).
         ({"api_url": "https://bob:s3cr3t-value/#?@h:99999"}, "api_url: 'https://***@h:99999'"),
         ({"api_url": "https://bob:s3cr3t-value\nx@h:99999"}, "api_url: 'https://***@h:99999'"),
+        ({"api_url": "https:/bob:s3cr3t-value@h"}, "api_url: '***@h'"),  # no "//"
+        ({"api_url": "bob:s3cr3t-value@h"}, "api_url: '***@h'"),
         ({"max_queue_size": 0}, "max_queue_size: must be an int >= 1"),
         ({"max_concurrency": True}, "max_concurrency: must be an int >= 1"),
         ({"request_timeout": 0}, "request_timeout: must be > 0"),

@@ -833,6 +833,9 @@ def test_a_whole_float_profile_id_orders_with_its_int_and_str_forms() -> None:
     }
     assert keys == {"1"}
     assert Identify(profile_id=1.5).order_key() == "1.5"
+    # From 1e21 on, JavaScript writes an exponent as Python does: "1e+21".
+    assert Identify(profile_id=1e21).order_key() == "1e+21"
+    assert Identify(profile_id=1e20).order_key() == "100000000000000000000"
 
 
 def test_a_large_float_value_is_a_double_already() -> None:

@@ -159,6 +159,37 @@ async def test_at_exit_a_client_of_a_thread_still_running_is_left_to_it(
     assert "client not closed at exit" not in text
 
 
+async def test_at_exit_a_thread_that_forgot_its_client_gets_a_second_look(
+    server: LocalOpenPanel,
+) -> None:
+    # The worker thread (not a daemon) is still busy when the exit hook runs, so the hook
+    # leaves its client to it; then its loop ends without aclose(). A second look, after
+    # the join, delivers what it left behind.
+    code = SCRIPT_HEAD.format(
+        cls="OpenPanel", cid=CLIENT_ID, secret=CLIENT_SECRET, url=server.url, extra=""
+    )
+    code += textwrap.dedent(
+        """
+        import threading, time
+        ready = threading.Event()
+        def worker():
+            async def app():
+                for i in range(5):
+                    op.track("tick", {"i": i})
+                ready.set()
+                time.sleep(0.3)  # blocking work while the interpreter starts to exit
+            asyncio.run(app())
+        threading.Thread(target=worker).start()
+        ready.wait()
+        """
+    )
+    status, _, text = await run_script(code)
+    assert status == 0, text
+    assert sorted(r.properties["i"] for r in server.requests) == [0, 1, 2, 3, 4]
+    assert "client not closed at exit; delivering 5 pending events" in text
+    assert "5 delivered, 0 failed" in text
+
+
 async def test_at_exit_a_stuck_loop_in_a_daemon_thread_costs_a_bounded_wait(
     server: LocalOpenPanel,
 ) -> None:
