@@ -6,7 +6,9 @@ The exit hook must run while ``concurrent.futures`` still accepts work: a host n
 resolved in the event loop's default executor, and once that module's own exit hook has
 run, every lookup (so every request to ``api.openpanel.dev``) fails. ``atexit`` handlers
 run too late for that; threading's exit hooks run earlier, newest first, so ours is
-registered after that module's.
+registered after that module's. They also run before the threads that are not daemons are
+joined: a client whose loop still runs in such a thread is left to it, and looked at again
+by a plain ``atexit`` handler once it has ended (best effort: no new lookups by then).
 """
 
 from __future__ import annotations
