@@ -211,7 +211,8 @@ class TrackWire(msgspec.Struct, omit_defaults=True, rename="camel", gc=False):
     profile_id: ProfileId | UnsetType = UNSET
 
 
-_ENCODING_ERRORS = (TypeError, ValueError, OverflowError)
+# What msgspec raises for a value it cannot encode.
+ENCODING_ERRORS = (TypeError, ValueError, OverflowError)
 
 
 def encoding_error(wire_type: str, exc: Exception, payload: msgspec.Struct) -> InvalidEventError:
@@ -232,12 +233,12 @@ def _unencodable(payload: msgspec.Struct) -> str:
             continue  # left out of the JSON (and not encodable on its own)
         try:
             _encoder.encode(value)
-        except _ENCODING_ERRORS:
+        except ENCODING_ERRORS:
             if isinstance(value, dict):
                 for key, item in value.items():
                     try:
                         _encoder.encode({key: item})
-                    except _ENCODING_ERRORS:
+                    except ENCODING_ERRORS:
                         plain = isinstance(key, str) and key.isprintable() and key.isascii()
                         return f"{name}.{key}" if plain else f"{name}[{key!r}]"
             return name
@@ -248,7 +249,7 @@ def encode_event(event: Event) -> bytes:
     """The exact request body for ``event``; property values msgspec cannot encode are refused."""
     try:
         payload = _encoder.encode(event)
-    except _ENCODING_ERRORS as exc:
+    except ENCODING_ERRORS as exc:
         raise encoding_error(event.wire_type, exc, event) from None
     return REQUEST_PREFIXES[event.wire_type] + payload + b"}"
 

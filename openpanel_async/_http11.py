@@ -253,10 +253,8 @@ class Http11Transport:
         return encoded
 
     def _set_origin(self, origin: tuple[str, str, int]) -> None:
-        scheme, host, port = origin
-        ascii_host = host  # parse_url() refuses non-ASCII host names
-        if ":" in ascii_host:
-            ascii_host = f"[{ascii_host}]"  # an IPv6 literal
+        scheme, host, port = origin  # parse_url() refuses non-ASCII host names
+        ascii_host = f"[{host}]" if ":" in host else host  # brackets an IPv6 literal
         default_port = 443 if scheme == "https" else 80
         host_header = ascii_host if port == default_port else f"{ascii_host}:{port}"
         if scheme == "https":

@@ -32,6 +32,7 @@ from ._config import check_header_value
 from ._context import EventContext
 from ._context import _current as _current_context
 from ._events import (
+    ENCODING_ERRORS,
     TRACK_PREFIX,
     UNSET,
     AssignGroup,
@@ -196,15 +197,11 @@ class EventIntake:
                 "event: must be a Track, Identify, Increment, Decrement, Group or AssignGroup, "
                 f"not {event_class.__name__}"
             )
+        # As for the event methods: what the call leaves out comes from the context.
         context = _current_context.get()
-        if context is not None:
-            # As for the event methods: what the call leaves out comes from the context.
-            if client_ip is None:
-                client_ip = context.client_ip
-            if user_agent is None:
-                user_agent = context.user_agent
-            if event_class is Track or event_class is AssignGroup:
-                event = _with_identity(event, context)  # type: ignore[arg-type]
+        client_ip, user_agent = _with_context(context, client_ip, user_agent)
+        if context is not None and (event_class is Track or event_class is AssignGroup):
+            event = _with_identity(event, context)  # type: ignore[arg-type]
         glob = self._global_properties
         if (
             type(event) is Track
@@ -393,7 +390,7 @@ class EventIntake:
                 payload = encode_payload(
                     TrackWire(name, props, UNSET if profile_id is None else profile_id)
                 )
-            except (TypeError, ValueError, OverflowError) as exc:
+            except ENCODING_ERRORS as exc:
                 wire = TrackWire(name, props, UNSET if profile_id is None else profile_id)
                 raise encoding_error("track", exc, wire) from None
             body = TRACK_PREFIX + payload + b"}"
@@ -435,7 +432,7 @@ class EventIntake:
         wire = TrackWire(name, properties, profile_id)
         try:
             payload = encode_payload(wire)
-        except (TypeError, ValueError, OverflowError) as exc:
+        except ENCODING_ERRORS as exc:
             raise encoding_error("track", exc, wire) from None
         body = TRACK_PREFIX + payload + b"}"
         if len(body) > self._max_event_bytes:
@@ -470,7 +467,7 @@ class EventIntake:
         self, event: Event, client_ip: str | None, user_agent: str | None
     ) -> bool:
         """Queue a profile or group event with the IP and user agent of the current context."""
-        client_ip, user_agent = _with_context(client_ip, user_agent)
+        client_ip, user_agent = _with_context(_current_context.get(), client_ip, user_agent)
         return self._enqueue(event, event.order_key(), client_ip, user_agent)
 
     def identify(
@@ -575,9 +572,10 @@ def _with_identity(event: Track | AssignGroup, context: EventContext) -> Track |
     return msgspec.structs.replace(event, **changes) if changes else event
 
 
-def _with_context(client_ip: str | None, user_agent: str | None) -> tuple[str | None, str | None]:
-    """The end user's IP and user agent: the arguments, else the current event context's."""
-    context = _current_context.get()
+def _with_context(
+    context: EventContext | None, client_ip: str | None, user_agent: str | None
+) -> tuple[str | None, str | None]:
+    """The end user's IP and user agent: the arguments, else the event context's."""
     if context is None:
         return client_ip, user_agent
     return (

@@ -108,6 +108,27 @@ async def run_script(code: str) -> tuple[int, str, str]:
     return proc.returncode, stdout.decode(), stderr.decode()
 
 
+def worker_thread_script(url: str, app: str) -> str:
+    """A script whose client is used by ``app`` (the body of an ``async def app()``), run
+    with asyncio.run() in a worker thread that is not a daemon; the main thread returns
+    once the app has set ``ready``."""
+    head = SCRIPT_HEAD.format(
+        cls="OpenPanel", cid=CLIENT_ID, secret=CLIENT_SECRET, url=url, extra=""
+    )
+    return head + textwrap.dedent(
+        """
+        import threading, time
+        ready = threading.Event()
+        def worker():
+            async def app():
+        {app}
+            asyncio.run(app())
+        threading.Thread(target=worker).start()
+        ready.wait()
+        """
+    ).format(app=textwrap.indent(textwrap.dedent(app).strip("\n"), " " * 8))
+
+
 @pytest.mark.parametrize("scenario", sorted(SCRIPTS))
 async def test_forgotten_close_delivers_at_exit(server: LocalOpenPanel, scenario: str) -> None:
     cls, extra, body = SCRIPTS[scenario]
@@ -131,28 +152,16 @@ async def test_at_exit_a_client_of_a_thread_still_running_is_left_to_it(
     # Exit hooks run before the threads that are not daemons are joined: the main thread
     # returns while a worker thread's own app still tracks. That thread owns its client's
     # shutdown; the exit hook must neither close nor flush it.
-    code = SCRIPT_HEAD.format(
-        cls="OpenPanel", cid=CLIENT_ID, secret=CLIENT_SECRET, url=server.url, extra=""
-    )
-    code += textwrap.dedent(
-        """
-        import threading, time
-        ready = threading.Event()
-        def worker():
-            async def app():
-                async with op:
-                    ready.set()
-                    kept = sum(op.track("tick", {"i": i}) for i in range(3))
-                    for i in range(3, 10):
-                        await asyncio.sleep(0.05)  # the main thread has returned by now
-                        kept += op.track("tick", {"i": i})
-                    print("kept", kept, flush=True)
-            asyncio.run(app())
-        threading.Thread(target=worker).start()
-        ready.wait()
-        """
-    )
-    status, stdout, text = await run_script(code)
+    app = """
+        async with op:
+            ready.set()
+            kept = sum(op.track("tick", {"i": i}) for i in range(3))
+            for i in range(3, 10):
+                await asyncio.sleep(0.05)  # the main thread has returned by now
+                kept += op.track("tick", {"i": i})
+            print("kept", kept, flush=True)
+    """
+    status, stdout, text = await run_script(worker_thread_script(server.url, app))
     assert status == 0, text
     assert stdout.split() == ["kept", "10"]
     assert sorted(r.properties["i"] for r in server.requests) == list(range(10))
@@ -165,25 +174,13 @@ async def test_at_exit_a_thread_that_forgot_its_client_gets_a_second_look(
     # The worker thread (not a daemon) is still busy when the exit hook runs, so the hook
     # leaves its client to it; then its loop ends without aclose(). A second look, after
     # the join, delivers what it left behind.
-    code = SCRIPT_HEAD.format(
-        cls="OpenPanel", cid=CLIENT_ID, secret=CLIENT_SECRET, url=server.url, extra=""
-    )
-    code += textwrap.dedent(
-        """
-        import threading, time
-        ready = threading.Event()
-        def worker():
-            async def app():
-                for i in range(5):
-                    op.track("tick", {"i": i})
-                ready.set()
-                time.sleep(0.3)  # blocking work while the interpreter starts to exit
-            asyncio.run(app())
-        threading.Thread(target=worker).start()
-        ready.wait()
-        """
-    )
-    status, _, text = await run_script(code)
+    app = """
+        for i in range(5):
+            op.track("tick", {"i": i})
+        ready.set()
+        time.sleep(0.3)  # blocking work while the interpreter starts to exit
+    """
+    status, _, text = await run_script(worker_thread_script(server.url, app))
     assert status == 0, text
     assert sorted(r.properties["i"] for r in server.requests) == [0, 1, 2, 3, 4]
     assert "client not closed at exit; delivering 5 pending events" in text

@@ -50,12 +50,12 @@ def demo_calls(rng: random.Random, count: int = 2048) -> list[TrackCall | OtherC
 def _demo_call(
     kind: str, rng: random.Random, users: list[str], identified: list[str]
 ) -> TrackCall | OtherCall:
-    if kind in ("increment", "decrement"):
-        if not identified:
-            kind = "identify"  # the server only counts for a profile it has stored
-        else:
-            user = rng.choice(identified)
-    if kind not in ("increment", "decrement"):
+    counts = kind in ("increment", "decrement")
+    if counts and identified:
+        user = rng.choice(identified)  # the server only counts for a profile it stored
+    else:
+        if counts:
+            kind = "identify"  # nobody identified yet
         user = rng.choice(users)
     if kind == "identify":
         identified.append(user)
